@@ -107,6 +107,14 @@ class NVFP4Tensor:
         return (values * step.unsqueeze(-1)).flatten(-2).to(dtype)
 
     @classmethod
+    def cat(cls, parts: "list[NVFP4Tensor]") -> "NVFP4Tensor":
+        """Concatenate weights along N (fused q/k/v or gate/up); their tensor scales must be equal."""
+        g = parts[0].global_scale
+        if any(not torch.equal(p.global_scale, g) for p in parts[1:]):
+            raise ValueError("cannot fuse NVFP4 weights with different global scales; quantize them with a shared one")
+        return cls(torch.cat([p.packed for p in parts]), torch.cat([p.block_scale for p in parts]), g)
+
+    @classmethod
     def from_modelopt(
         cls, weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor
     ) -> "NVFP4Tensor":

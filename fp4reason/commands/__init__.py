@@ -1,0 +1,1 @@
+"""CLI subcommands, one per file; each exposes ``register(subparsers)``."""
