@@ -1,0 +1,5 @@
+import sys
+
+from fp4reason.cli import main
+
+sys.exit(main())
