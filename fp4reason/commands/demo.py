@@ -11,11 +11,11 @@ import sys
 import time
 
 QUESTION = (
-    "A bakery sells muffins in boxes of 6. On Monday it baked 14 boxes and sold 9 boxes. On Tuesday it baked "
-    "twice as many boxes as it sold on Monday and sold 20 boxes. How many muffins are left at the end of Tuesday?"
+    "Tom has 3 boxes with 12 pencils in each box. He gives 9 pencils to his sister. "
+    "How many pencils does Tom have left?"
 )
 SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."
-ANSWER = "18"  # (14 - 9) + (2*9 - 20) = 3 boxes of 6
+ANSWER = "27"  # 3 * 12 - 9
 
 
 def register(subparsers) -> None:
@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name or model directory")
     p.add_argument("--scheme", default="nvfp4-w4a4", help="FP4 scheme for the quantized model")
     p.add_argument("--question", default=QUESTION)
-    p.add_argument("--max-new-tokens", type=int, default=320)
+    p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
