@@ -1,0 +1,264 @@
+"""Build, check and time the small-M NVFP4 kernel against its peers on one GPU.
+
+For the Qwen3-8B and Llama-3.1-8B linears (fused qkv, o, fused gate_up, down) at M in {1, 2, 4, 8, 16}:
+ours (``fp4reason.kernels`` as dispatched, and forced without / with programmatic dependent launch),
+cuBLAS BF16 ``F.linear``, dequantize-then-matmul in torch, torch's int4 tinygemm
+(``_weight_int4pack_mm``, g128), humming NVFP4 (``humming-kernels``, if importable), and the 4.5-bit
+byte floor at the measured device-copy bandwidth. Each kernel runs over enough distinct weight copies
+that L2 (50 MB) never holds the weight; the calls are captured in one CUDA graph and the median replay
+time over the copies is reported. Prints a per-linear table and per-layer sums with ratios.
+
+    python benchmarks/kernel_bench.py --out benchmarks/results [--sweep]
+"""
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fp4reason.formats import NVFP4Tensor, quantize_nvfp4
+from fp4reason.kernels import cuda as fk
+from fp4reason.kernels import nvfp4_linear, prepare_nvfp4
+
+MODELS = {
+    "Llama-3.1-8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "Qwen3-8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288)},
+}
+SET_BYTES = 400e6  # each kernel's weight copies together: 8x the L2
+
+
+def time_calls(fns, reps: int = 15) -> float:
+    """Median µs per call of ``fns`` (one call each) replayed as one CUDA graph."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for f in fns:
+                f()
+        run = graph.replay
+    except Exception:  # not capturable: eager launches (includes launch overhead)
+        graph = None
+
+        def run():
+            for f in fns:
+                f()
+
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(fns))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus written."""
+    src = torch.empty(2**29, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    us = time_calls([lambda: dst.copy_(src)] * 4, reps=10)
+    return 2 * src.numel() / (us * 1e-6)
+
+
+def nv_bytes(n: int, k: int) -> int:
+    return n * k // 2 + n * k // 16
+
+
+def copies(nbytes: int, lo: int = 3, hi: int = 48) -> int:
+    return max(lo, min(hi, math.ceil(SET_BYTES / nbytes)))
+
+
+def humming_layers(w: NVFP4Tensor, r: int):
+    from humming.layer import HummingLayer
+
+    n, k = w.shape
+    cfg = dict(
+        quant_method="compressed-tensors",
+        format="nvfp4-pack-quantized",
+        type="float",
+        num_bits=4,
+        strategy="tensor_group",
+        group_size=16,
+    )
+    layers = []
+    for _ in range(r):
+        layer = HummingLayer(shape_n=n, shape_k=k, weight_config=dict(cfg), torch_dtype=torch.bfloat16)
+        layer.load_from_tensors(
+            {
+                "weight_packed": w.packed.cpu(),
+                "weight_scale": w.block_scale.cpu(),
+                "weight_global_scale": w.global_scale.cpu(),
+            }
+        )
+        layer = layer.cuda()
+        layer.transform()
+        layers.append(layer)
+    return layers
+
+
+def rel_err(y: torch.Tensor, x: torch.Tensor, w: NVFP4Tensor) -> float:
+    ref = x.double() @ w.dequantize(torch.float32).double().T
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def bench_shape(n: int, k: int, ms: list[int], sweep: bool, log, only_ours: bool = False) -> dict:
+    torch.manual_seed(0)
+    w = quantize_nvfp4(torch.randn(n, k, device="cuda") * 0.02)
+    wb = w.dequantize(torch.bfloat16)
+    r_nv = copies(w.nbytes)
+    cts = [NVFP4Tensor(w.packed.clone(), w.block_scale.clone(), w.global_scale) for _ in range(2)]
+    nvs = [prepare_nvfp4(w)] + [prepare_nvfp4(cts[0]) for _ in range(r_nv - 1)]  # distinct tiled copies
+    bfs = [] if only_ours else [wb.clone() for _ in range(copies(wb.numel() * 2))]
+    res = {"N": n, "K": k, "bytes": nv_bytes(n, k), "copies": r_nv, "M": {}}
+    i4 = hum = sz = None
+    if not only_ours:
+        try:
+            codes = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+            i4 = [torch._convert_weight_to_int4pack(codes.clone(), 8) for _ in range(r_nv)]
+            sz = torch.rand(k // 128, n, 2, device="cuda", dtype=torch.bfloat16)
+        except Exception as e:  # noqa: BLE001
+            i4, res["int4_error"] = None, repr(e)
+        try:
+            hum = humming_layers(w, min(r_nv, 16))
+        except Exception as e:  # noqa: BLE001
+            hum, res["humming_error"] = None, repr(e)[:300]
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        row = {"rel_err": rel_err(nvfp4_linear(x, nvs[0]), x, w), "splits": fk.split_count(m, n, k)}
+        row["ours"] = time_calls([lambda c=c, x=x: nvfp4_linear(x, c) for c in nvs])
+        pdl = fk._pdl
+        for flag in (0, 1):
+            fk._pdl = flag
+            row[f"ours_pdl{flag}"] = time_calls([lambda c=c, x=x: nvfp4_linear(x, c) for c in nvs])
+        fk._pdl = pdl
+        if sweep:  # kernel variants x fixed split counts
+            default = fk._variant
+            for v in (0, 1, 2, 3):
+                fk._variant = v
+                for sp in (1, 2, 4, 8, 16, 32):
+                    if sp <= k // 128:
+                        fns = [lambda c=c, s=sp, x=x: fk.nvfp4_linear_cuda(x, c, splits=s) for c in nvs]
+                        row[f"v{v}_s{sp}"] = time_calls(fns)
+            fk._variant = default
+            best = min((key for key in row if key.startswith("v")), key=row.get)
+            row["best"], row["best_us"] = best, row[best]
+        if not only_ours:
+            row["cublas_bf16"] = time_calls([lambda c=c, x=x: F.linear(x, c) for c in bfs])
+        if not only_ours:
+            row["dequant_matmul"] = time_calls(
+                [lambda c=c, x=x: F.linear(x, c.dequantize(torch.bfloat16)) for c in cts], 5
+            )
+        if i4 is not None:
+            mm4 = torch._weight_int4pack_mm
+            row["torch_int4"] = time_calls([lambda c=c, x=x, mm4=mm4: mm4(x, c, 128, sz) for c in i4])
+        if hum is not None:
+            try:
+                yh = hum[0](x)
+                row["humming_rel_err"] = rel_err(yh, x, w)
+                row["humming"] = time_calls([lambda h=h, x=x: h(x) for h in hum])
+            except Exception as e:  # noqa: BLE001
+                res["humming_error"] = repr(e)[:300]
+        res["M"][m] = row
+        log(
+            f"  N={n} K={k} M={m}: "
+            + " ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in row.items())
+        )
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--m", default="1,2,4,8,16")
+    ap.add_argument("--sweep", action="store_true", help="also time fixed split-K counts")
+    ap.add_argument("--only-ours", action="store_true", help="skip the baselines (tuning runs)")
+    args = ap.parse_args()
+    ms = [int(v) for v in args.m.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log_lines = []
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+        log_lines.append(s)
+
+    props = torch.cuda.get_device_properties(0)
+    lib = fk.build_library()
+    log(
+        f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}; "
+        f"kernel {lib.name}"
+    )
+    bw = copy_bandwidth()
+    log(f"device copy bandwidth {bw / 1e12:.3f} TB/s (read+write)")
+    shapes = sorted({s for lin in MODELS.values() for s in lin.values()})
+    results = {f"{n}x{k}": bench_shape(n, k, ms, args.sweep, log, args.only_ours) for n, k in shapes}
+    cols = ["ours", "ours_pdl0", "ours_pdl1", "humming", "cublas_bf16", "torch_int4", "dequant_matmul"]
+
+    lines = [f"# NVFP4 small-M kernel bench ({props.name}, copy BW {bw / 1e12:.2f} TB/s)", ""]
+    lines += ["## Per linear (µs; eff = 4.5-bit bytes / ours)", ""]
+    lines += ["| model | linear | N×K | M | " + " | ".join(cols) + " | floor | eff TB/s | rel err |"]
+    lines += ["|" + "---|" * (len(cols) + 8)]
+    layer = {}
+    for model, lins in MODELS.items():
+        for name, (n, k) in lins.items():
+            r = results[f"{n}x{k}"]
+            for m in ms:
+                row = r["M"][m]
+                floor = r["bytes"] / bw * 1e6
+                vals = " | ".join(f"{row[c]:.1f}" if c in row else "—" for c in cols)
+                eff = r["bytes"] / (row["ours"] * 1e-6) / 1e12
+                lines.append(
+                    f"| {model} | {name} | {n}×{k} | {m} | {vals} | {floor:.1f} | {eff:.2f} "
+                    f"| {row['rel_err']:.1e} |"
+                )
+                acc = layer.setdefault((model, m), {"floor": 0.0, "bytes": 0})
+                acc["floor"] += floor
+                acc["bytes"] += r["bytes"]
+                for c in cols:
+                    if c in row:
+                        acc[c] = acc.get(c, 0.0) + row[c]
+    lines += ["", "## Per layer (sum of the four linears, µs)", ""]
+    lines += [
+        "| model | M | ours | humming | cuBLAS BF16 | torch int4 | floor | eff TB/s | ×humming | ×cuBLAS |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, m), a in layer.items():
+        hum = a.get("humming", float("nan"))
+        lines.append(
+            f"| {model} | {m} | {a['ours']:.1f} | {hum:.1f} | {a.get('cublas_bf16', float('nan')):.1f} "
+            f"| {a.get('torch_int4', float('nan')):.1f} | {a['floor']:.1f} "
+            f"| {a['bytes'] / a['ours'] / 1e6:.2f} "
+            f"| {hum / a['ours']:.2f} | {a.get('cublas_bf16', float('nan')) / a['ours']:.2f} |"
+        )
+    table = "\n".join(lines)
+    meta = {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "copy_bw_Bps": bw,
+        "seconds": time.time() - t0,
+        "results": results,
+    }
+    tag = "kernel_bench"
+    (out / f"{tag}.json").write_text(json.dumps(meta, indent=1, default=str))
+    (out / f"{tag}.md").write_text(table + "\n")
+    print(table)
+    print(f"done in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

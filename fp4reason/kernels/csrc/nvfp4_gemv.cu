@@ -1,0 +1,380 @@
+// Small-M (1..16) NVFP4 x BF16/FP16 linear for Hopper (sm_90): y[M, N] = x[M, K] @ W[N, K]^T.
+//
+// W is compressed-tensors NVFP4 (packed uint8 [N, K/2], even element in the low nibble; e4m3 block
+// scales [N, K/16]; fp32 tensor scale g, a divisor), repacked once at load (tile_nvfp4 in cuda.py) into
+// [16-row tile][128-k chunk][1024 B nibbles in lane order | 128 B scales in lane order]: the bytes are
+// unchanged, only their order, so every warp load is 512 contiguous bytes and each tile streams
+// sequentially through DRAM (the row-major layout had each 64 B piece open its own DRAM page).
+//
+// Swap-AB tensor-core GEMV: the weight is the mma A operand (16 rows x 16 k), the tokens are B
+// (k16 x n8), so one m16n8k16 covers M <= 8 and two cover M <= 16. FP4 is decoded in registers:
+// a nibble moved to bits 6..8 (15 = sign) of a bf16 half is exactly value * 2^-126 (fp16: bits 9..11,
+// value * 2^-14); one HMUL2 by the block scale pre-multiplied by 2^119 (fp16: 2^7, from a shared LUT)
+// gives value * scale * 2^-7, exact in bf16/fp16 (<= 6 significant bits, |.| <= 21); the epilogue
+// multiplies by 2^7 / g. Products accumulate in fp32.
+//
+// Each lane gets 16 bytes (32 elements) of a row per 128-element chunk, so the four lanes t of a
+// quad hold 128 consecutive k. Inside a 32-bit word, nibbles i and i+4 become one bf16x2 (Marlin's
+// shift/mask decode); the k order inside an mma is therefore permuted, and the activation fragment
+// is permuted the same way with byte permutes, which leaves the dot product unchanged.
+//
+// Weights and scales go global->shared through a per-warp cp.async ring (4 stages by default; no CTA
+// barriers); activations are read through L1 one chunk ahead into registers. A CTA is 4 warps x RT row
+// tiles (RT = 1: 64 rows, the M <= 8 default; RT = 2: 128 rows, M > 8), sharing activations through
+// L1. Optional programmatic dependent launch: the first weight stages are requested before
+// griddepcontrol.wait, activations / workspace / output only after it. Split-K over gridDim.y:
+// partial sums go to an fp32 workspace with vector reductions; the last CTA of a row block (arrival
+// counter) writes the output and zeroes the workspace and counter again, so nothing needs resetting
+// between calls and the launch is CUDA-graph safe.
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int WARPS = 4;
+constexpr int CHUNK = 128;  // k elements per lane-quad per step
+constexpr int WS_LD = 16;   // workspace row stride (tokens)
+constexpr int TILE_BYTES = 16 * 64 + 16 * 8;  // one 16-row x 128-k tile: weights + scales
+
+__device__ __forceinline__ void cp16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp4(void* smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+template <bool BF16>
+__device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                    uint32_t b0, uint32_t b1) {
+  if constexpr (BF16) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Nibble pair (bits 12..15, 28..31 of t) -> two 16-bit floats, value * 2^-126 (bf16) / 2^-14 (fp16).
+template <bool BF16>
+__device__ __forceinline__ uint32_t decode_pair(uint32_t t) {
+  if constexpr (BF16) return (t & 0x80008000u) | ((t >> 6) & 0x01C001C0u);
+  else return (t & 0x80008000u) | ((t >> 3) & 0x0E000E00u);
+}
+
+template <bool BF16>
+__device__ __forceinline__ uint32_t hmul2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  if constexpr (BF16) {
+    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    d = *reinterpret_cast<uint32_t*>(&r);
+  } else {
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    d = *reinterpret_cast<uint32_t*>(&r);
+  }
+  return d;
+}
+
+__device__ __forceinline__ float e4m3_to_float(uint32_t b) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)b, __NV_E4M3)));
+}
+
+template <bool BF16>
+__device__ __forceinline__ float out_to_float(const void* p, int i) {
+  if constexpr (BF16) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
+  else return __half2float(reinterpret_cast<const __half*>(p)[i]);
+}
+
+template <bool BF16>
+__device__ __forceinline__ void store_out(void* p, size_t i, float v) {
+  if constexpr (BF16) reinterpret_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+  else reinterpret_cast<__half*>(p)[i] = __float2half_rn(v);
+}
+
+template <bool BF16, int NT, int STAGES, int RT>
+__global__ void __launch_bounds__(WARPS * 32)
+    nvfp4_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ tiled,
+                      const float* __restrict__ gscale,
+                      const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ work,
+                      int* __restrict__ counters, int M, int N, int K) {
+  extern __shared__ __align__(16) uint8_t dyn_smem[];
+  __shared__ uint32_t lut[256];
+  __shared__ int s_last;
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+    float v = e4m3_to_float(i);
+    uint32_t h;
+    if constexpr (BF16) {
+      __nv_bfloat16 b = __float2bfloat16_rn(v * 0x1p119f);
+      h = *reinterpret_cast<uint16_t*>(&b);
+    } else {
+      __half b = __float2half_rn(v * 128.0f);
+      h = *reinterpret_cast<uint16_t*>(&b);
+    }
+    lut[i] = h | (h << 16);
+  }
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  constexpr int ROWS_PER_CTA = WARPS * RT * 16;
+  const int row_block = blockIdx.x * ROWS_PER_CTA;
+  const int row_warp = row_block + warp * RT * 16;
+  const int chunks = K / CHUNK;
+  const int splits = gridDim.y;
+  const int c_begin = (int)((long long)chunks * blockIdx.y / splits);
+  const int c_end = (int)((long long)chunks * (blockIdx.y + 1) / splits);
+  const int tiles = (N + 15) / 16;
+  const int lane_id = threadIdx.x & 31;
+
+  // tiled layout: [tile][chunk][1024 B weights in lane order (h, g, t) | 128 B scales in lane order]
+  const uint8_t* wp[RT];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    int tile = min((row_warp + r * 16) / 16, tiles - 1);
+    wp[r] = tiled + (size_t)tile * chunks * TILE_BYTES;
+  }
+  const uint16_t* xp[NT];
+  bool xon[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    int tok = n * 8 + g;
+    xon[n] = tok < M;
+    xp[n] = x + (size_t)(xon[n] ? tok : 0) * K + t * 32;
+  }
+
+  float acc[RT][NT][4];
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][n][i] = 0.f;
+
+  // per-warp STAGES-deep cp.async ring of [W 32 rows x 64 B][scales 32 rows x 8 B]
+  constexpr int W_BYTES = RT * 16 * 64, S_BYTES = RT * 16 * 8, STAGE = W_BYTES + S_BYTES;
+  uint8_t* ring = dyn_smem + warp * STAGES * STAGE;
+  auto issue = [&](int c, int stage) {
+    uint8_t* st = ring + stage * STAGE;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const uint8_t* src = wp[r] + (size_t)c * TILE_BYTES;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) cp16(st + (r * 16 + h * 8 + g) * 64 + t * 16, src + h * 512 + lane_id * 16);
+      cp4(st + W_BYTES + (r * 16 + (t >> 1) * 8 + g) * 8 + (t & 1) * 4, src + 1024 + lane_id * 4);
+    }
+  };
+  auto load_x = [&](uint4 (&xv)[NT][4], int c) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+        xv[n][w] = xon[n] ? __ldg(reinterpret_cast<const uint4*>(xp[n] + c * CHUNK + w * 8)) : make_uint4(0, 0, 0, 0);
+  };
+#pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) {
+    if (c_begin + i < c_end) issue(c_begin + i, i);
+    cp_commit();
+  }
+  // programmatic dependent launch: everything above touches only the weights (never written by the
+  // previous kernel); activations and the workspace are touched only after the previous grid is done
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+  uint4 xnext[NT][4];
+  load_x(xnext, c_begin);
+  int stage = 0;
+  for (int c = c_begin; c < c_end; ++c) {
+    {
+      int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
+      if (cn < c_end) issue(cn, sn);
+      cp_commit();
+    }
+    uint4 xv[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) xv[n][w] = xnext[n][w];
+    if (c + 1 < c_end) load_x(xnext, c + 1);
+    cp_wait<STAGES - 1>();
+    __syncwarp();
+    const uint8_t* st = ring + stage * STAGE;
+    uint4 wv[RT][2];
+    uint32_t sv[RT][2];
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        wv[r][h] = *reinterpret_cast<const uint4*>(st + (r * 16 + h * 8 + g) * 64 + t * 16);
+        sv[r][h] = *reinterpret_cast<const uint16_t*>(st + W_BYTES + (r * 16 + h * 8 + g) * 8 + t * 2);
+      }
+    __syncwarp();  // the stage is refilled next iteration
+    stage = stage == STAGES - 1 ? 0 : stage + 1;
+
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      uint32_t b[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[n][w]);
+        b[n][0] = prmt(xw[0], xw[2], 0x5410);  // k0, k4
+        b[n][1] = prmt(xw[0], xw[2], 0x7632);  // k1, k5
+        b[n][2] = prmt(xw[1], xw[3], 0x5410);  // k2, k6
+        b[n][3] = prmt(xw[1], xw[3], 0x7632);  // k3, k7
+      }
+#pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        uint32_t p[2][4];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          uint32_t q = reinterpret_cast<const uint32_t*>(&wv[r][h])[w];
+          uint32_t s = lut[(sv[r][h] >> ((w >> 1) * 8)) & 0xFF];
+          p[h][0] = hmul2<BF16>(decode_pair<BF16>(q << 12), s);  // elements 0, 4
+          p[h][1] = hmul2<BF16>(decode_pair<BF16>(q << 8), s);   // 1, 5
+          p[h][2] = hmul2<BF16>(decode_pair<BF16>(q << 4), s);   // 2, 6
+          p[h][3] = hmul2<BF16>(decode_pair<BF16>(q), s);        // 3, 7
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          mma<BF16>(acc[r][n], p[0][0], p[1][0], p[0][1], p[1][1], b[n][0], b[n][1]);
+          mma<BF16>(acc[r][n], p[0][2], p[1][2], p[0][3], p[1][3], b[n][2], b[n][3]);
+        }
+      }
+    }
+  }
+  cp_wait<0>();
+
+  const float f = 128.0f / __ldg(gscale);
+  // acc[r][n]: {row g, tok 2t}, {row g, tok 2t+1}, {row g+8, tok 2t}, {row g+8, tok 2t+1}
+  if (splits == 1) {
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int row = row_warp + r * 16 + g + h * 8;
+        if (row >= N) continue;
+        float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            int tok = n * 8 + 2 * t + j;
+            if (tok < M) store_out<BF16>(out, (size_t)tok * N + row, acc[r][n][h * 2 + j] * f + bv);
+          }
+      }
+    return;
+  }
+
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int row = row_warp + r * 16 + g + h * 8;
+      if (row >= N) continue;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        int tok = n * 8 + 2 * t;
+        if (tok < M) {
+          float* dst = work + (size_t)row * WS_LD + tok;
+          asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(acc[r][n][h * 2]),
+                       "f"(acc[r][n][h * 2 + 1])
+                       : "memory");
+        }
+      }
+    }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) s_last = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < ROWS_PER_CTA; i += blockDim.x) {
+    int row = row_block + i;
+    if (row >= N) break;
+    float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
+    float* src = work + (size_t)row * WS_LD;
+    for (int m = 0; m < M; ++m) store_out<BF16>(out, (size_t)m * N + row, __ldcg(src + m) * f + bv);
+    for (int m = 0; m < ((M + 1) & ~1); ++m) __stcg(src + m, 0.f);  // the odd pad slot got 0 * w too
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+template <bool BF16, int NT, int STAGES, int RT>
+int launch(int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
+           const void* bias, void* out, float* work, int* counters, int M, int N, int K) {
+  constexpr int rows = WARPS * RT * 16, smem = WARPS * STAGES * RT * 16 * (64 + 8);
+  auto kern = nvfp4_gemv_kernel<BF16, NT, STAGES, RT>;
+  if constexpr (smem > 48 * 1024) {
+    static bool configured = false;  // once per instantiation (and process: single-GPU use)
+    if (!configured) {
+      cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (e != cudaSuccess) return (int)e;
+      configured = true;
+    }
+  }
+  dim3 grid((N + rows - 1) / rows, splits);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(WARPS * 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kern, x, tiled, gs, bias, out, work, counters, M, N, K);
+  return e != cudaSuccess ? (int)e : (int)cudaGetLastError();
+}
+
+// variant: 0 = 2 row tiles per warp, 4 stages; 1 = 2 tiles, 6 stages; 2 = 1 tile, 4 stages; 3 = 1 tile, 8 stages
+template <bool BF16, int NT>
+int launch_variant(int variant, int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
+                   const void* bias, void* out, float* work, int* cnt, int M, int N, int K) {
+  switch (variant) {
+    case 1: return launch<BF16, NT, 6, 2>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 2: return launch<BF16, NT, 4, 1>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 3: return launch<BF16, NT, 8, 1>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    default: return launch<BF16, NT, 4, 2>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// y[M, N] = x[M, K] @ W^T (+ bias) with W in the tiled layout of fp4reason.kernels.cuda.tile_nvfp4.
+// pdl = 1 launches with programmatic stream serialization (overlaps this kernel's weight prefetch
+// with the previous kernel's tail). Returns a cudaError_t (0 = launched). splits > 1 needs work (>= N*16 floats, zeroed) and
+// counters (>= ceil(N/64) ints, zeroed); both are left zeroed after the kernel.
+int fp4r_nvfp4_gemv(const void* x, const void* tiled, const float* gscale, const void* bias, void* out,
+                    float* work, int* counters, int M, int N, int K, int splits, int bf16, int variant,
+                    int pdl, void* stream) {
+  if (M < 1 || M > 16 || N < 1 || K % CHUNK || splits < 1) return (int)cudaErrorInvalidValue;
+  cudaStream_t s = (cudaStream_t)stream;
+  auto xp = (const uint16_t*)x;
+  auto tp = (const uint8_t*)tiled;
+  if (bf16) {
+    if (M <= 8) return launch_variant<true, 1>(variant, splits, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+    return launch_variant<true, 2>(variant, splits, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+  }
+  if (M <= 8) return launch_variant<false, 1>(variant, splits, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+  return launch_variant<false, 2>(variant, splits, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+}
+}

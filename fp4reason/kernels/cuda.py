@@ -1,0 +1,297 @@
+"""CUDA path of ``nvfp4_linear``: the small-M Hopper kernel in ``csrc/nvfp4_gemv.cu``.
+
+The kernel is plain CUDA C++ with a C entry point, built once with ``nvcc`` into a shared library
+(cached under ``$FP4REASON_CACHE`` or ``~/.cache/fp4reason``, keyed by the source hash) and called
+through ctypes on torch's current stream. It therefore does not depend on torch's C++ ABI and builds
+in seconds. It is registered as the custom op ``fp4reason::nvfp4_linear`` (with a fake impl) so it
+works under CUDA-graph capture and torch.compile.
+
+The weight is repacked once (``prepare_nvfp4`` -> :class:`TiledNVFP4`, same bytes, tile order; see
+``tile_nvfp4``). Passing a plain ``NVFP4Tensor`` on CUDA also works: it is tiled on first use and the
+result cached on the object (doubling its memory); the decode engine should call ``prepare_nvfp4``
+before capture and keep only the prepared object.
+
+Dispatch: M <= 16, K % 128 == 0, sm_90+, bf16/fp16 input -> the kernel; anything else (prefill,
+odd K, fp32) -> dequantize + ``F.linear`` on the GPU (correct, not fast). Split-K uses one fp32
+workspace and arrival counters per device, allocated on first use outside graph capture
+(``prepare_nvfp4`` does it eagerly) and left zeroed by every launch. Calls on concurrent streams must
+not share a device's workspace (a call inside capture with no workspace yet runs without split-K).
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fp4reason.formats import NVFP4Tensor
+
+_SRC = Path(__file__).with_name("csrc") / "nvfp4_gemv.cu"
+CHUNK = 128
+MAX_M = 16
+_WS_ROWS = 1 << 17  # split-K is used for N up to this many rows
+# kernel variant (csrc launch_variant): 0/1 = 2 row tiles per warp (128 rows per CTA), 2/3 = 1 (64 rows).
+# None = by M, from the H100 sweep (benchmarks/NOTES.md): 1 tile per warp for M <= 8, 2 above.
+_variant: int | None = int(os.environ["FP4REASON_VARIANT"]) if "FP4REASON_VARIANT" in os.environ else None
+_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64}
+# programmatic dependent launch: None = only for small weights (N*K <= 32M: qkv/o of 8B models), where
+# it hid ~0.4-1.3 us of ramp-up; on down/gate_up it cost up to 5 us (M=1) / 10 us (M=16) (NOTES.md, v4)
+_pdl: int | None = int(os.environ["FP4REASON_PDL"]) if "FP4REASON_PDL" in os.environ else None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("FP4REASON_CACHE", Path.home() / ".cache" / "fp4reason"))
+
+
+def _nvcc() -> str:
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    for cand in (shutil.which("nvcc"), os.path.join(home, "bin", "nvcc")):
+        if cand and os.path.exists(cand):
+            return cand
+    raise RuntimeError("nvcc not found (needed once to build the NVFP4 kernel); set CUDA_HOME or PATH")
+
+
+def build_library(force: bool = False) -> Path:
+    """Compile ``csrc/nvfp4_gemv.cu`` to a cached shared library and return its path."""
+    src = _SRC.read_bytes()
+    out = _cache_dir() / f"nvfp4_gemv-{hashlib.sha256(src).hexdigest()[:16]}.so"
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [_nvcc(), "-O3", "-std=c++17", "-arch=sm_90", "-shared", "-Xcompiler", "-fPIC"]
+    cmd += ["-o", tmp, str(_SRC)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        os.unlink(tmp)
+        raise RuntimeError(f"building the NVFP4 kernel failed:\n{' '.join(cmd)}\n{res.stderr}")
+    os.replace(tmp, out)
+    return out
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build_library()))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.fp4r_nvfp4_gemv.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, p]
+    lib.fp4r_nvfp4_gemv.restype = i
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """True when a sm_90+ GPU is present and the kernel library builds and loads."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        return False
+    try:
+        _lib()
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"NVFP4 CUDA kernel unavailable, using dequantize + matmul: {e}", stacklevel=2)
+        return False
+    return True
+
+
+@functools.cache
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _workspaces:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        _workspaces[idx] = (
+            torch.zeros(_WS_ROWS * 16, dtype=torch.float32, device=device),
+            torch.zeros(_WS_ROWS // 64, dtype=torch.int32, device=device),
+        )
+    return _workspaces[idx]
+
+
+def variant_for(m: int) -> int:
+    return _variant if _variant is not None else (2 if m <= 8 else 0)
+
+
+def split_count(m: int, n: int, k: int, device: int = 0) -> int:
+    """K-splits for an [m, k] x [n, k] call: the largest power of two that keeps the grid at or under
+    ~3.9 (M <= 8) / ~2.9 (M > 8) CTAs per SM (H100 sweep: 512 / 384 CTAs on 132 SMs)."""
+    row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m)])
+    target = (3.88 if m <= 8 else 2.91) * _sm_count(device)
+    s = 1
+    while s * 2 <= min(k // CHUNK, target / row_blocks):
+        s *= 2
+    return s
+
+
+def supported(x: torch.Tensor, n: int, k: int) -> bool:
+    return (
+        x.is_cuda
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and 1 <= x.shape[0] <= MAX_M
+        and k % CHUNK == 0
+        and available()
+    )
+
+
+TILE_BYTES = 16 * 64 + 16 * 8
+
+
+def tile_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
+    """CT NVFP4 [N, K/2] + [N, K/16] -> uint8 [ceil(N/16), K/128, 1152], the kernel's layout.
+
+    Per 16-row tile and 128-k chunk: 1024 B of nibbles in lane order (half h, row g, quad lane t: rows
+    h*8+g, bytes t*16..t*16+15 of the chunk), then 128 B of scales in lane order (lane g*4+t holds
+    blocks 4*(t%2)..+3 of row g + 8*(t//2)). Rows past N are zero."""
+    n, kh = packed.shape
+    k = kh * 2
+    if k % CHUNK:
+        raise ValueError(f"tiled NVFP4 needs K % {CHUNK} == 0, got K={k}")
+    tiles, chunks = -(-n // 16), k // CHUNK
+    pad = tiles * 16 - n
+    p = F.pad(packed, (0, 0, 0, pad)).view(tiles, 2, 8, chunks, 4, 16).permute(0, 3, 1, 2, 4, 5)
+    sc = F.pad(block_scale.view(torch.uint8), (0, 0, 0, pad)).view(tiles, 2, 8, chunks, 2, 4)
+    sc = sc.permute(0, 3, 2, 1, 4, 5)  # [tile, chunk, g, h, q, j]
+    return torch.cat([p.reshape(tiles, chunks, 1024), sc.reshape(tiles, chunks, 128)], dim=-1).contiguous()
+
+
+def untile_nvfp4(tiled: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`tile_nvfp4`: (packed [N, K/2] uint8, block_scale [N, K/16] e4m3)."""
+    tiles, chunks, _ = tiled.shape
+    p = tiled[..., :1024].reshape(tiles, chunks, 2, 8, 4, 16).permute(0, 2, 3, 1, 4, 5)
+    sc = tiled[..., 1024:].reshape(tiles, chunks, 8, 2, 2, 4).permute(0, 3, 2, 1, 4, 5)
+    packed = p.reshape(tiles * 16, chunks * 64)[:n]
+    return packed.contiguous(), sc.reshape(tiles * 16, chunks * 8)[:n].contiguous().view(torch.float8_e4m3fn)
+
+
+@dataclass
+class TiledNVFP4:
+    """An NVFP4 weight [N, K] in the kernel's tiled layout (see :func:`tile_nvfp4`)."""
+
+    tiled: torch.Tensor  # uint8 [ceil(N/16), K/128, 1152]
+    global_scale: torch.Tensor  # float32 [1], compressed-tensors divisor
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.tiled.shape[1] * CHUNK
+
+    @property
+    def device(self) -> torch.device:
+        return self.tiled.device
+
+    def to_nvfp4(self) -> NVFP4Tensor:
+        return NVFP4Tensor(*untile_nvfp4(self.tiled, self.n), self.global_scale)
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return self.to_nvfp4().dequantize(dtype)
+
+
+def _dequantize_gpu(packed: torch.Tensor, block_scale: torch.Tensor, gscale: torch.Tensor, dtype):
+    return NVFP4Tensor(packed, block_scale, gscale).dequantize(dtype)
+
+
+@torch.library.custom_op("fp4reason::nvfp4_linear", mutates_args=())
+def nvfp4_linear_op(
+    x: torch.Tensor,
+    tiled: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    splits: int,
+) -> torch.Tensor:
+    """``x [M, K] @ W[N, K].T (+ bias)`` with W tiled NVFP4; ``splits`` <= 0 picks the K-split."""
+    m, k = x.shape
+    if not supported(x, n, k):
+        w = TiledNVFP4(tiled, global_scale, n)
+        return F.linear(x, w.dequantize(x.dtype), bias)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    s = splits if splits > 0 else split_count(m, n, k, dev)
+    ws = _workspace(x.device) if s > 1 and n <= _WS_ROWS else None
+    if ws is None:
+        s = 1
+    work, counters = ws if ws is not None else (None, None)
+    err = _lib().fp4r_nvfp4_gemv(
+        x.data_ptr(),
+        tiled.data_ptr(),
+        global_scale.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        work.data_ptr() if work is not None else None,
+        counters.data_ptr() if counters is not None else None,
+        m,
+        n,
+        k,
+        s,
+        int(x.dtype == torch.bfloat16),
+        variant_for(m),
+        int(n * k <= 32 << 20) if _pdl is None else _pdl,
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    if err:
+        raise RuntimeError(f"NVFP4 kernel launch failed with CUDA error {err} (M={m}, N={n}, K={k})")
+    return out
+
+
+@nvfp4_linear_op.register_fake
+def _(x, tiled, global_scale, bias, n, splits):
+    return x.new_empty(x.shape[0], n)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    if torch.compiler.is_compiling():  # fresh and parameter tensors are 256-byte aligned
+        return t
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _tiled(w: "NVFP4Tensor | TiledNVFP4") -> TiledNVFP4:
+    if isinstance(w, TiledNVFP4):
+        return w
+    cached = w.__dict__.get("_fp4r_tiled")
+    if cached is None:
+        cached = prepare_nvfp4(w)
+        if not torch.cuda.is_current_stream_capturing():
+            w.__dict__["_fp4r_tiled"] = cached
+    return cached
+
+
+def nvfp4_linear_cuda(
+    x: torch.Tensor, w: "NVFP4Tensor | TiledNVFP4", bias: torch.Tensor | None = None, *, splits: int = 0
+) -> torch.Tensor:
+    """GPU ``x @ dequant(w).T + bias`` for x [..., K]; leading dims are flattened."""
+    n, k = w.shape
+    lead = x.shape[:-1]
+    x2 = _aligned(x.reshape(-1, k))
+    if k % CHUNK:  # the kernel needs whole 128-k chunks: plain dequantize + matmul
+        return F.linear(x2, w.dequantize(x.dtype), bias).reshape(*lead, n)
+    t = _tiled(w)
+    gs = t.global_scale if t.global_scale.device == x.device else t.global_scale.to(x.device)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    y = torch.ops.fp4reason.nvfp4_linear(x2, t.tiled, gs, bias, n, splits)
+    return y.reshape(*lead, n)
+
+
+def prepare_nvfp4(w: "NVFP4Tensor | TiledNVFP4") -> "TiledNVFP4 | NVFP4Tensor":
+    """One-time preparation before CUDA-graph capture: the tiled copy of the weight (a
+    :class:`TiledNVFP4`, same bytes reordered) and the device's split-K workspace. Weights whose K is
+    not a multiple of 128 stay an ``NVFP4Tensor`` (they run through dequantize + matmul)."""
+    if isinstance(w, TiledNVFP4) or w.shape[1] % CHUNK:
+        return w
+    t = TiledNVFP4(tile_nvfp4(w.packed, w.block_scale), w.global_scale.contiguous().float(), w.shape[0])
+    if t.tiled.is_cuda and available():
+        _workspace(t.tiled.device)
+    return t

@@ -1,0 +1,269 @@
+"""NVFP4 linear: the CPU reference path and dispatch everywhere, the Hopper kernel on a GPU.
+
+Every check compares against float64 math on the dequantized weight with fresh random inputs."""
+
+import pytest
+import torch
+
+from fp4reason.formats import NVFP4Tensor, qdq_nvfp4, quantize_nvfp4
+from fp4reason.kernels import (
+    TiledNVFP4,
+    nvfp4_linear,
+    nvfp4_linear_reference,
+    prepare_nvfp4,
+    tile_nvfp4,
+    untile_nvfp4,
+)
+
+
+def _ref64(x: torch.Tensor, w: NVFP4Tensor, bias=None) -> torch.Tensor:
+    y = x.double() @ w.dequantize(torch.float32).double().T.to(x.device)
+    return y if bias is None else y + bias.double()
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+# ---------------------------------------------------------------- CPU: reference path and dispatch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_reference_matches_float64(dtype):
+    g = torch.Generator().manual_seed(0)
+    w = quantize_nvfp4(torch.randn(48, 96, generator=g))
+    x = torch.randn(5, 96, generator=g).to(dtype)
+    bias = torch.randn(48, generator=g).to(dtype)
+    y = nvfp4_linear(x, w, bias)
+    assert y.dtype == dtype and y.shape == (5, 48)
+    assert _rel(y, _ref64(x, w, bias)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_cpu_dispatch_is_reference_and_keeps_leading_dims():
+    w = quantize_nvfp4(torch.randn(32, 64))
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    assert torch.equal(nvfp4_linear(x, w), nvfp4_linear_reference(x, w))
+    assert nvfp4_linear(x, w).shape == (2, 3, 32)
+
+
+def test_act_quant_is_qdq_then_linear():
+    w = quantize_nvfp4(torch.randn(16, 64))
+    x = torch.randn(4, 64) * 3
+    gs = torch.tensor([448 * 6 / 10.0])
+    y = nvfp4_linear(x, w, act_quant=True, input_global_scale=gs)
+    assert _rel(y, _ref64(qdq_nvfp4(x, gs), w)) < 1e-5
+    assert not torch.allclose(y, nvfp4_linear(x, w))  # quantizing the input changes the result
+
+
+def test_custom_op_cpu_fallback_and_fake():
+    w = quantize_nvfp4(torch.randn(24, 128))
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    t = prepare_nvfp4(w)
+    y = torch.ops.fp4reason.nvfp4_linear(x, t.tiled, t.global_scale, None, 24, 0)
+    assert torch.equal(y, nvfp4_linear_reference(x, w))
+    torch.library.opcheck(
+        torch.ops.fp4reason.nvfp4_linear,
+        (x, t.tiled, t.global_scale, None, 24, 0),
+        test_utils=("test_faketensor",),  # test_schema cannot multiply fp8 on CPU
+    )
+
+
+def test_bad_inputs_raise():
+    w = quantize_nvfp4(torch.randn(16, 64))
+    with pytest.raises(ValueError, match="K=64"):
+        nvfp4_linear(torch.randn(2, 48), w)
+    with pytest.raises(TypeError, match="bf16"):
+        nvfp4_linear(torch.randn(2, 64).to(torch.int32), w)
+    with pytest.raises(ValueError, match="block size"):
+        quantize_nvfp4(torch.randn(4, 40))
+
+
+def test_nan_input_propagates_on_reference():
+    w = quantize_nvfp4(torch.randn(16, 64))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    x[1, 7] = float("nan")
+    y = nvfp4_linear(x, w)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_tiled_layout_is_a_byte_permutation():
+    n, k = 37, 384
+    w = quantize_nvfp4(torch.randn(n, k))
+    t = prepare_nvfp4(w)
+    assert isinstance(t, TiledNVFP4) and t.shape == (n, k) and t.tiled.shape == (3, 3, 1152)
+    packed, scale = untile_nvfp4(t.tiled, n)
+    sb = w.block_scale.view(torch.uint8)
+    assert torch.equal(packed, w.packed) and torch.equal(scale.view(torch.uint8), sb)
+    for row in range(n):  # the documented lane order, element by element
+        tile, rr = divmod(row, 16)
+        h, g = divmod(rr, 8)
+        for c in range(k // 128):
+            for byte in range(64):
+                tt, j = divmod(byte, 16)
+                assert t.tiled[tile, c, h * 512 + (g * 4 + tt) * 16 + j] == w.packed[row, c * 64 + byte]
+            for blk in range(8):
+                q, jj = divmod(blk, 4)
+                assert t.tiled[tile, c, 1024 + (g * 4 + h * 2 + q) * 4 + jj] == sb[row, c * 8 + blk]
+    pad_packed, pad_scale = untile_nvfp4(t.tiled, 48)
+    assert not pad_packed[n:].any() and not pad_scale[n:].view(torch.uint8).any()  # padding rows are zero
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    assert torch.equal(nvfp4_linear(x, t), nvfp4_linear_reference(x, w))
+
+
+def test_prepare_leaves_k_not_multiple_of_128():
+    w = quantize_nvfp4(torch.randn(16, 16 * 9))
+    assert prepare_nvfp4(w) is w
+    with pytest.raises(ValueError, match="K % 128"):
+        tile_nvfp4(w.packed, w.block_scale)
+
+
+def test_split_and_variant_dispatch(monkeypatch):
+    from fp4reason.kernels import cuda as fk
+
+    monkeypatch.setattr(fk, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(fk, "_variant", None)
+    assert fk.variant_for(1) == fk.variant_for(8) == 2 and fk.variant_for(9) == fk.variant_for(16) == 0
+    for m in (1, 8, 16):
+        rows = fk._ROWS_PER_CTA[fk.variant_for(m)]
+        for n, k in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (72, 256), (200000, 128)]:
+            s = fk.split_count(m, n, k)
+            assert s >= 1 and s & (s - 1) == 0 and s <= max(1, k // 128)
+            ctas = -(-n // rows) * s
+            assert s == 1 or ctas <= (512 if m <= 8 else 384)  # grid stays within one wave
+            assert 2 * s > min(k // 128, (512 if m <= 8 else 384) / -(-n // rows)) or s == k // 128
+
+
+# ---------------------------------------------------------------- GPU: the Hopper kernel
+
+SHAPES = {  # (N, K)
+    "qwen3-8b.qkv": (6144, 4096),
+    "qwen3-8b.o": (4096, 4096),
+    "qwen3-8b.gate_up": (24576, 4096),
+    "qwen3-8b.down": (4096, 12288),
+    "llama3.1-8b.gate_up": (28672, 4096),
+    "llama3.1-8b.down": (4096, 14336),
+    "qwen3-32b.qkv": (10240, 5120),
+    "qwen3-32b.o": (5120, 8192),
+    "qwen3-32b.gate_up": (51200, 5120),
+    "qwen3-32b.down": (5120, 25600),
+    "odd_n": (1000, 2048),
+    "odd_n_small": (72, 256),
+    "k_16_odd": (96, 16 * 129),
+    "k_not_128": (200, 16 * 6),
+}
+
+
+def _gpu_weight(n, k, scale=0.02, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return quantize_nvfp4(torch.randn(n, k, device="cuda", generator=g) * scale)
+
+
+def _poisoned_call(fn, m, n, dtype):
+    """Fill the caching allocator's next [m, n] block with NaN, so unwritten outputs show up."""
+    junk = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    del junk
+    return fn()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_kernel_shapes(name):
+    n, k = SHAPES[name]
+    w = prepare_nvfp4(_gpu_weight(n, k))
+    for m in (1, 2, 3, 5, 8, 9, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = _poisoned_call(lambda: nvfp4_linear(x, w), m, n, torch.bfloat16)  # noqa: B023
+        assert y.shape == (m, n) and torch.isfinite(y).all(), (name, m)
+        err = _rel(y, _ref64(x, w))
+        assert err < 1e-2, (name, m, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 7, 12, 16])
+def test_kernel_fp16_bias_and_splits(m):
+    from fp4reason.kernels.cuda import nvfp4_linear_cuda
+
+    n, k = 2304, 3072
+    w = prepare_nvfp4(_gpu_weight(n, k, seed=m))
+    x = torch.randn(2, m, k, device="cuda", dtype=torch.float16)
+    bias = torch.randn(n, device="cuda", dtype=torch.float16)
+    ref = _ref64(x, w, bias)
+    for splits in (1, 3, 24):
+        y = _poisoned_call(lambda: nvfp4_linear_cuda(x, w, bias, splits=splits), 2 * m, n, torch.float16)  # noqa: B023
+        assert y.shape == (2, m, n) and _rel(y, ref) < 1e-2, (m, splits)
+    from fp4reason.kernels.cuda import _workspaces
+
+    for work, counters in _workspaces.values():  # left clean for the next call
+        assert not work.any() and not counters.any()
+
+
+@pytest.mark.gpu
+def test_kernel_scales_448_large_activations_no_overflow():
+    n, k = 512, 4096
+    base = torch.randn(n, k, device="cuda")
+    base.view(n, k // 16, 16)[..., 0] = 8.0  # every block has the tensor amax -> every block scale is 448
+    w = quantize_nvfp4(base)
+    assert (w.block_scale.float() == 448).all()
+    for dtype, amp in ((torch.bfloat16, 3e3), (torch.float16, 30.0)):
+        x = (torch.randn(16, k, device="cuda") * amp).to(dtype)
+        y = nvfp4_linear(x, w)
+        assert torch.isfinite(y).all(), dtype
+        assert _rel(y, _ref64(x, w)) < 1e-2, dtype
+
+
+@pytest.mark.gpu
+def test_kernel_nan_propagates():
+    w = _gpu_weight(1024, 4096)
+    x = torch.randn(6, 4096, device="cuda", dtype=torch.bfloat16)
+    x[2, 100] = float("nan")
+    y = nvfp4_linear(x, w)
+    assert torch.isnan(y[2]).all()
+    others = y[[0, 1, 3, 4, 5]]
+    assert torch.isfinite(others).all() and _rel(others, _ref64(x[[0, 1, 3, 4, 5]], w)) < 1e-2
+    y2 = nvfp4_linear(x[[0, 1]], w)  # the workspace holds no NaN afterwards
+    assert torch.isfinite(y2).all()
+
+
+@pytest.mark.gpu
+def test_kernel_act_quant_matches_w4a4_reference():
+    w = _gpu_weight(2048, 4096)
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16) * 2
+    gs = torch.tensor([448 * 6 / 12.0], device="cuda")
+    y = nvfp4_linear(x, w, act_quant=True, input_global_scale=gs)
+    assert _rel(y, _ref64(qdq_nvfp4(x, gs), w)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_kernel_cuda_graph_replay():
+    w = prepare_nvfp4(_gpu_weight(4096, 4096))
+    for m in (1, 16):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        nvfp4_linear(x, w)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = nvfp4_linear(x, w)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert _rel(y, _ref64(x, w)) < 1e-2, m
+
+
+@pytest.mark.gpu
+def test_kernel_fused_qkv_equals_parts():
+    g = torch.tensor([448 * 6 / 0.1], device="cuda")
+    parts = [quantize_nvfp4(torch.randn(nn, 4096, device="cuda") * 0.02, g) for nn in (4096, 1024, 1024)]
+    fused = NVFP4Tensor.cat(parts)
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.bfloat16)
+    y = nvfp4_linear(x, fused)
+    ys = torch.cat([nvfp4_linear(x, p) for p in parts], dim=-1)
+    assert _rel(y, ys.double()) < 1e-3 and _rel(y, _ref64(x, fused)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_kernel_torch_compile():
+    w = _gpu_weight(1024, 2048)
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
+    f = torch.compile(lambda a: nvfp4_linear(a, w) * 2)
+    assert _rel(f(x), 2 * _ref64(x, w)) < 1e-2
