@@ -1,0 +1,68 @@
+"""KV4: keys (post-RoPE) and values quantized to the ReQAT E1M2 format as they enter the KV cache.
+
+Mechanism: ``KV4Cache`` is a transformers ``DynamicCache`` whose ``update`` stores ``qdq_kv4(new states)``
+and so attends over the quantized cache; the tensor scale is dynamic over the tokens of that call (the
+whole [B, H, T, D] of a prefill, the one new token of a decode step), as ReQAT's vLLM inference does.
+``enable_kv4(model)`` adds a forward pre-hook that gives every forward a KV4Cache: a fresh one when none is
+passed (also for ``use_cache=False``: the cache is then used for that forward and dropped), and the empty
+DynamicCache that ``generate`` creates is replaced (generate then carries on with the returned one).
+Consequences: a prefill equals an uncached forward exactly; a cached decode step quantizes each new token
+with its own scale, so it differs slightly from re-running the whole sequence (as on a real KV4 cache).
+"""
+
+import inspect
+
+import torch
+import torch.nn as nn
+from transformers.cache_utils import Cache, DynamicCache
+
+from fp4reason.formats import qdq_kv4
+
+
+class KV4Cache(DynamicCache):
+    """DynamicCache that stores keys and values quantize-dequantized to 4-bit E1M2 (``qdq_kv4``)."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return super().update(qdq_kv4(key_states), qdq_kv4(value_states), layer_idx, *args, **kwargs)
+
+
+def _kv4_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    if args and "past_key_values" in _positional_params(module)[: len(args)]:
+        raise TypeError("pass past_key_values to a KV4 model as a keyword argument")
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, KV4Cache):
+        return None
+    if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
+        kwargs["past_key_values"] = KV4Cache(config=module.config)
+        return args, kwargs
+    if isinstance(cache, Cache):
+        raise ValueError(
+            f"a KV4 model needs a KV4Cache (or no cache); got a {type(cache).__name__} that already holds "
+            f"{cache.get_seq_length()} tokens of unquantized keys/values"
+        )
+    raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+
+
+def _positional_params(module: nn.Module) -> list[str]:
+    if "_kv4_params" not in module.__dict__:
+        module.__dict__["_kv4_params"] = list(inspect.signature(module.forward).parameters)
+    return module.__dict__["_kv4_params"]
+
+
+def enable_kv4(model: nn.Module) -> nn.Module:
+    """Make every forward (and ``generate``) of ``model`` use a KV4Cache. Idempotent."""
+    if not uses_kv4(model):
+        model._kv4_hook = model.register_forward_pre_hook(_kv4_pre_hook, with_kwargs=True)
+    return model
+
+
+def disable_kv4(model: nn.Module) -> nn.Module:
+    if uses_kv4(model):
+        model._kv4_hook.remove()
+        del model._kv4_hook
+    return model
+
+
+def uses_kv4(model: nn.Module) -> bool:
+    """True when ``model``'s keys and values are quantized to KV4 as they enter the cache."""
+    return getattr(model, "_kv4_hook", None) is not None
