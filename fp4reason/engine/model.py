@@ -1,0 +1,469 @@
+"""A small gpt-fast-style decoder that reuses a Hugging Face causal LM's weights.
+
+The HF model (Qwen2/2.5, Qwen3, Llama; linears plain or ``fp4reason.quant.FP4Linear``) supplies every
+weight; this module supplies what makes decoding fast: a static, preallocated KV cache [B, Hkv, S, D],
+precomputed RoPE tables, fused q/k/v and gate/up projections, and shapes that only depend on the
+batch size and a KV-length bucket, so a decode step can be captured in a CUDA graph.
+
+Rows are left-padded: every row writes the same cache slot at each step, row ``b`` starts at slot
+``start[b]`` and sees its own positions ``slot - start[b]``, exactly as HF does with an attention mask.
+
+KV4 (scheme nvfp4-w4a4kv4): post-RoPE keys and values are quantize-dequantized with ``qdq_kv4`` as they
+are written, with one dynamic tensor scale per row and write (pad slots zeroed first), so a row's result
+does not depend on its batch; this equals ``fp4reason.quant.KV4Cache`` at batch 1 (which shares one scale
+across a batch).
+"""
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp4reason.formats import MXFP4Tensor, NVFP4Tensor, qdq_kv4, qdq_nvfp4
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm, operation for operation (float32 statistics, weight applied in the input dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """Residual add, then RMSNorm: (x + delta, norm(x + delta))."""
+    x = x + delta
+    return x, _rms_norm(x, weight, eps)
+
+
+def _qkv_heads(qkv, q_w, k_w, cos, sin, eps: float, n_heads: int, n_kv: int):
+    """Fused q/k/v output [B, T, (H + 2 Hkv) D] -> q, k [B, H(kv), T, D] (head norms, RoPE) and v."""
+    b, t, _ = qkv.shape
+    d = cos.shape[-1]
+    q, k, v = qkv.view(b, t, n_heads + 2 * n_kv, d).split([n_heads, n_kv, n_kv], dim=2)
+    if q_w is not None:
+        q, k = _rms_norm(q, q_w, eps), _rms_norm(k, k_w, eps)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, D]
+    return _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+
+def _attn_math(q, k, v, mask, scale: float):
+    """Decode attention as two batched matmuls and a float32 softmax (q [B, Hkv, G, D], additive mask)."""
+    p = ((q @ k.transpose(-1, -2)).float() * scale + mask).softmax(-1)
+    return p.to(v.dtype) @ v
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean keep-mask -> additive 0 / -inf mask, built once per forward instead of once per layer."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _act_nvfp4(x: torch.Tensor, input_global_scale: torch.Tensor | None) -> torch.Tensor:
+    """W4A4's input quantization (what ``nvfp4_linear(act_quant=True)`` does), compiled once per shape."""
+    return qdq_nvfp4(x, input_global_scale)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _kv4(x: torch.Tensor) -> torch.Tensor:
+    """KV4 quantize-dequantize of a cache write [B, Hkv, T, D], one dynamic tensor scale per row."""
+    return torch.vmap(qdq_kv4)(x)
+
+
+class _Compiled:
+    """torch.compile'd ``fn`` that falls back to eager ``fn`` for good if compiling it fails."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn, self.compiled, self.failed = fn, torch.compile(fn, fullgraph=True), False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as e:
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                warnings.warn(
+                    f"torch.compile of {self.fn.__name__} failed ({type(e).__name__}: {e}); eager",
+                    stacklevel=2,
+                )
+                self.failed = True
+        return self.fn(*args)
+
+
+_COMPILED: dict[str, _Compiled] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    """One compiled wrapper per function for the whole process, so engines share compiled code."""
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = _Compiled(fn)
+    return _COMPILED[fn.__name__]
+
+
+class Ops:
+    """The pointwise pieces of a layer; ``compiled=True`` uses torch.compile'd versions (GPU decode).
+
+    Only tensor arguments cross these functions, so one compiled graph serves every layer; the
+    projections and attention stay outside and run as their own kernels (captured by the CUDA graph).
+    """
+
+    def __init__(self, compiled: bool = False) -> None:
+        wrap = _compiled if compiled else (lambda f: f)
+        self.compiled = compiled
+        self.rms_norm, self.add_rms_norm, self.qkv_heads, self.silu_mul, self.kv4, self.attn_math = map(
+            wrap, (_rms_norm, _add_rms_norm, _qkv_heads, _silu_mul, _kv4, _attn_math)
+        )
+        self.act_nvfp4 = wrap(_act_nvfp4)
+
+
+def _fp4_weight(m: nn.Module):
+    return getattr(m, "weight_fp4", None)
+
+
+def _act_quant(m: nn.Module) -> bool:
+    scheme = getattr(m, "scheme", None)
+    return bool(getattr(scheme, "act_quant", False))
+
+
+def _same(tensors: list[torch.Tensor | None]) -> bool:
+    first = tensors[0]
+    if first is None:
+        return all(t is None for t in tensors)
+    return all(t is not None and torch.equal(t, first) for t in tensors[1:])
+
+
+class Projection:
+    """One or several linears of the same input, fused into one matmul where the weights allow it.
+
+    Plain ``nn.Linear`` weights are concatenated once and the HF modules are re-pointed at views of the
+    fused tensor (no second copy of the weights). ``FP4Linear`` groups with equal tensor scales (and equal
+    input scales for W4A4) become one FP4 weight, prepared once for the CUDA kernel and called through
+    ``fp4reason.kernels``. Groups that cannot be fused run as one projection per module; modules of
+    other types are called as they are.
+    """
+
+    def __init__(self, modules: list[nn.Module], fuse: bool = True) -> None:
+        self.kind, self.bias, self.parts = "module", None, []
+        fp4 = [_fp4_weight(m) for m in modules]
+        if len(modules) > 1 and not (fuse and (_all_dense(modules) or _fusable_fp4(modules, fp4))):
+            self.kind, self.parts = "parts", [Projection([m]) for m in modules]
+        elif _all_dense(modules):
+            self._init_dense(modules)
+        elif all(w is not None for w in fp4) and _fusable_fp4(modules, fp4):
+            self._init_fp4(modules, fp4)
+        else:
+            self.module = modules[0]
+
+    def _init_dense(self, modules: list[nn.Module]) -> None:
+        self.kind = "dense"
+        if len(modules) == 1:
+            self.weight, self.bias = modules[0].weight, modules[0].bias
+            return
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight for m in modules])
+            a = 0
+            for m in modules:
+                b = a + m.weight.shape[0]
+                m.weight.data = self.weight[a:b]  # the HF model keeps working, on views of the fused weight
+                a = b
+            if any(m.bias is not None for m in modules):
+                self.bias = torch.cat(
+                    [m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in modules]
+                )
+
+    def _init_fp4(self, modules: list[nn.Module], weights: list) -> None:
+        self.kind = "fp4"
+        w0 = weights[0]
+        self.fmt = "nvfp4" if isinstance(w0, NVFP4Tensor) else "mxfp4"
+        if len(weights) == 1:
+            self.weight = w0
+        elif isinstance(w0, NVFP4Tensor):
+            self.weight = NVFP4Tensor.cat(weights)
+        else:
+            self.weight = MXFP4Tensor(
+                torch.cat([w.packed for w in weights]), torch.cat([w.scale for w in weights])
+            )
+        biases = [getattr(m, "bias", None) for m in modules]
+        if any(b is not None for b in biases):
+            ref = next(b for b in biases if b is not None)
+            self.bias = torch.cat(
+                [
+                    b if b is not None else ref.new_zeros(w.shape[0])
+                    for b, w in zip(biases, weights, strict=True)
+                ]
+            )
+        if self.fmt == "nvfp4" and self.weight.device.type == "cuda":
+            from fp4reason.kernels import prepare_nvfp4
+
+            self.weight = prepare_nvfp4(self.weight)  # the kernel's layout and workspace, before any capture
+        self.act_quant = _act_quant(modules[0])
+        self.input_global_scale = getattr(modules[0], "input_global_scale", None)
+
+    def __call__(self, x: torch.Tensor, ops: "Ops | None" = None) -> torch.Tensor:
+        if self.kind == "dense":
+            return F.linear(x, self.weight, self.bias)
+        if self.kind == "fp4":
+            from fp4reason import kernels
+
+            x2 = x.reshape(-1, x.shape[-1])
+            if self.fmt == "nvfp4":
+                act_quant = self.act_quant
+                if act_quant and ops is not None and ops.compiled:  # one fused kernel instead of ~20
+                    x2, act_quant = ops.act_nvfp4(x2, self.input_global_scale), False
+                y = kernels.nvfp4_linear(
+                    x2,
+                    self.weight,
+                    self.bias,
+                    act_quant=act_quant,
+                    input_global_scale=self.input_global_scale,
+                )
+            else:
+                y = kernels.mxfp4_linear(x2, self.weight, self.bias, act_quant=self.act_quant)
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        if self.kind == "parts":
+            return torch.cat([p(x, ops) for p in self.parts], dim=-1)
+        return self.module(x)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes read from memory per call (weights + bias), for roofline accounting."""
+        if self.kind == "parts":
+            return sum(p.nbytes for p in self.parts)
+        if self.kind == "module":
+            return _module_nbytes(self.module)
+        w = _nbytes(self.weight) if self.kind == "fp4" else self.weight.numel() * self.weight.element_size()
+        return w + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
+
+
+def _all_dense(modules: list[nn.Module]) -> bool:
+    return all(type(m) is nn.Linear for m in modules)
+
+
+def _fusable_fp4(modules: list[nn.Module], weights: list) -> bool:
+    """FP4 weights of one format whose scales allow one fused call (same tensor and input scales)."""
+    if len({type(w) for w in weights}) != 1 or type(weights[0]) not in (NVFP4Tensor, MXFP4Tensor):
+        return False
+    if len({_act_quant(m) for m in modules}) != 1:
+        return False
+    if isinstance(weights[0], NVFP4Tensor):
+        if not _same([w.global_scale for w in weights]):
+            return False
+        if _act_quant(modules[0]) and not _same([getattr(m, "input_global_scale", None) for m in modules]):
+            return False
+    return True
+
+
+def _nbytes(w) -> int:
+    """Bytes of an FP4 weight object: its ``nbytes`` or the sum of its tensors (kernel-specific layouts)."""
+    n = getattr(w, "nbytes", None)
+    if n is not None:
+        return n
+    return sum(t.numel() * t.element_size() for t in vars(w).values() if isinstance(t, torch.Tensor))
+
+
+def _module_nbytes(m: nn.Module) -> int:
+    fp4 = _fp4_weight(m)
+    n = _nbytes(fp4) if fp4 is not None else 0
+    return n + sum(t.numel() * t.element_size() for t in m.parameters())
+
+
+class Layer:
+    """One decoder layer: pre-norm attention with RoPE and GQA, then a pre-norm SwiGLU MLP."""
+
+    def __init__(self, hf_layer: nn.Module, cfg, fuse: bool) -> None:
+        attn, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], fuse)
+        self.o = Projection([attn.o_proj], fuse)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], fuse)
+        self.down = Projection([mlp.down_proj], fuse)
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.in_norm, self.post_norm = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
+        act = getattr(cfg, "hidden_act", "silu")
+        self.act_fn: Callable | None = None if act == "silu" else mlp.act_fn
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def _norm_qkv(self, x, delta, cos, sin, ops: Ops):
+        """(residual stream, q, k, v) after adding ``delta`` (the previous layer's MLP output, or None)."""
+        if delta is None:
+            h = ops.rms_norm(x, self.in_norm.weight, _eps(self.in_norm))
+        else:
+            x, h = ops.add_rms_norm(x, delta, self.in_norm.weight, _eps(self.in_norm))
+        qn, kn = self.q_norm, self.k_norm
+        q, k, v = ops.qkv_heads(
+            self.qkv(h, ops),
+            qn.weight if qn is not None else None,
+            kn.weight if kn is not None else None,
+            cos,
+            sin,
+            _eps(qn) if qn is not None else 0.0,
+            self.n_heads,
+            self.n_kv,
+        )
+        return x, q, k, v
+
+    def _mlp(self, x: torch.Tensor, attn_out: torch.Tensor, ops: Ops):
+        """(residual stream, MLP output): the MLP output is added by the next norm (fused)."""
+        x, h = ops.add_rms_norm(x, attn_out, self.post_norm.weight, _eps(self.post_norm))
+        gu = self.gate_up(h, ops)
+        if self.act_fn is None:
+            a = ops.silu_mul(gu)
+        else:
+            gate, up = gu.chunk(2, dim=-1)
+            a = self.act_fn(gate) * up
+        return x, self.down(a, ops)
+
+    def prefill(self, x, delta, cos, sin, valid, mask, kv4: bool, ops: Ops):
+        """x [B, T, H] at cache slots 0..T-1; ``valid`` [B, 1, T, 1] marks real (non-pad) tokens."""
+        b, t, _ = x.shape
+        x, q, k, v = self._norm_qkv(x, delta, cos, sin, ops)
+        k, v = k * valid, v * valid  # pad slots hold zeros: they never enter a KV4 scale or an attention row
+        if kv4:
+            k, v = ops.kv4(k), ops.kv4(v)
+        self.k_cache[:b, :, :t] = k
+        self.v_cache[:b, :, :t] = v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
+        return self._mlp(x, self.o(y.transpose(1, 2).reshape(b, t, -1), ops), ops)
+
+    def decode(self, x, delta, cos, sin, slot, mask, kv_len: int, kv4: bool, ops: Ops, attn: str):
+        """x [B, 1, H] written at cache slot ``slot`` (a device tensor [1]); attends to slots < kv_len."""
+        b = x.shape[0]
+        x, q, k, v = self._norm_qkv(x, delta, cos, sin, ops)
+        if kv4:
+            k, v = ops.kv4(k), ops.kv4(v)
+        kc, vc = self.k_cache[:b], self.v_cache[:b]
+        kc.index_copy_(2, slot, k)
+        vc.index_copy_(2, slot, v)
+        # GQA without repeating K/V: the query heads of one KV head become that head's "query positions"
+        q = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
+        kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
+        if attn == "math":
+            y = ops.attn_math(q, kc, vc, mask, self.scaling)
+        else:
+            y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling)
+        return self._mlp(x, self.o(y.reshape(b, 1, -1), ops), ops)
+
+
+def _eps(norm: nn.Module) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(eps if eps is not None else norm.eps)
+
+
+def _rope_tables(
+    hf_model: nn.Module, n: int, dtype: torch.dtype, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [n, D] for positions 0..n-1 from the HF rotary module (so every RoPE scaling type agrees)."""
+    rotary = hf_model.model.rotary_emb
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise NotImplementedError(f"RoPE type '{rope_type}' depends on the sequence length; not supported")
+    pos = torch.arange(n, device=device)[None]
+    cos, sin = rotary(torch.empty(0, dtype=dtype, device=device), pos)
+    return cos[0].to(dtype), sin[0].to(dtype)
+
+
+class FastDecoder:
+    """The decoder: HF embeddings, norms, projections and lm_head, our own attention and KV cache."""
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        *,
+        max_batch_size: int,
+        max_seq_len: int,
+        kv4: bool,
+        fuse: bool = True,
+        attn: str = "sdpa",
+    ):
+        cfg = hf_model.config
+        if cfg.model_type not in SUPPORTED_ARCHS:
+            raise ValueError(
+                f"unsupported architecture '{cfg.model_type}'; the engine runs {', '.join(SUPPORTED_ARCHS)}"
+            )
+        if getattr(cfg, "use_sliding_window", False):
+            raise NotImplementedError("sliding-window attention is not supported by the engine")
+        if attn not in ("sdpa", "math"):
+            raise ValueError(f"attn must be 'sdpa' or 'math', got {attn!r}")
+        self.config, self.kv4, self.attn = cfg, kv4, attn
+        self.embed = hf_model.model.embed_tokens
+        self.norm = hf_model.model.norm
+        self.lm_head = hf_model.lm_head
+        self.layers = [Layer(layer, cfg, fuse) for layer in hf_model.model.layers]
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.cos, self.sin = _rope_tables(hf_model, max_seq_len, self.dtype, self.device)
+        l0 = self.layers[0]
+        shape = (max_batch_size, l0.n_kv, max_seq_len, l0.head_dim)
+        for layer in self.layers:
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.ops = Ops()  # decode ops (compiled on GPU); prefill always runs eager ops
+        self.eager_ops = Ops()
+
+    def _logits(self, x: torch.Tensor, delta: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return self.lm_head(ops.add_rms_norm(x, delta, self.norm.weight, _eps(self.norm))[1])
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Run left-padded prompts ``tokens`` [B, T] (row b real from ``start[b]``); logits [B, V] of the
+        last position."""
+        b, t = tokens.shape
+        pos = (torch.arange(t, device=self.device)[None] - start[:, None]).clamp(min=0)
+        cos, sin = self.cos[pos], self.sin[pos]
+        s = torch.arange(t, device=self.device)
+        real = s[None] >= start[:, None]  # [B, T]
+        # causal over real tokens; a pad query sees only itself so its (discarded) row stays finite
+        mask = (real[:, None, :] & (s[None, None, :] <= s[None, :, None])) | torch.eye(
+            t, dtype=torch.bool, device=self.device
+        )
+        mask = _additive(mask[:, None], self.dtype)  # [B, 1, T, T]
+        valid = real[:, None, :, None].to(self.dtype)
+        x, delta = self.embed(tokens), None
+        for layer in self.layers:
+            x, delta = layer.prefill(x, delta, cos, sin, valid, mask, self.kv4, self.eager_ops)
+        return self._logits(x[:, -1], delta[:, -1], self.eager_ops)
+
+    def decode(
+        self, tokens: torch.Tensor, slot: torch.Tensor, start: torch.Tensor, kv_len: int
+    ) -> torch.Tensor:
+        """One token per row, ``tokens`` [B] written at cache slot ``slot`` [1]; logits [B, V].
+
+        Only device tensors and the static ``kv_len`` enter, so this can be captured in a CUDA graph.
+        """
+        pos = slot - start  # [B]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
+        s = torch.arange(kv_len, device=self.device)
+        mask = _additive(((s[None] >= start[:, None]) & (s[None] <= slot))[:, None, None], self.dtype)
+        x, delta = self.embed(tokens[:, None]), None
+        for layer in self.layers:
+            x, delta = layer.decode(x, delta, cos, sin, slot, mask, kv_len, self.kv4, self.ops, self.attn)
+        return self._logits(x[:, 0], delta[:, 0], self.ops)
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights read per decode step: projections, norms, lm_head (not the embedding table)."""
+        n = sum(p.nbytes for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        return n + _module_nbytes(self.lm_head)
+
+    def kv_bytes_per_token(self) -> int:
+        l0 = self.layers[0]
+        return 2 * len(self.layers) * l0.n_kv * l0.head_dim * l0.k_cache.element_size()
