@@ -1,0 +1,136 @@
+"""BatchedSampler: ReSET (or a baseline) for a whole batch, graph-capturable, plus the stateless pieces
+(temperature with greedy rows, min-p, top-p) that the HF and vLLM adapters reuse."""
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .config import SamplerConfig
+from .entropy import check_logits, token_entropy
+from .state import StepEntropyState, select_temperature
+
+GREEDY_T = 1e-6  # a temperature at or below this means argmax
+
+
+class SamplerOutput(NamedTuple):
+    tokens: torch.Tensor  # [B] long
+    entropy: torch.Tensor  # [B] float32, entropy of the raw logits (T = 1)
+    temperature: torch.Tensor  # [B] float32, temperature applied to each row (<= 1e-6: greedy)
+
+
+def scale_logits(logits: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
+    """logits / T per row in float32; rows with T <= 1e-6 become one-hot (argmax 0, the rest -inf)."""
+    x = logits.float()
+    scaled = x / T.clamp(min=GREEDY_T)[:, None]
+    greedy = (T <= GREEDY_T)[:, None]
+    not_max = torch.arange(x.shape[1], device=x.device) != x.argmax(-1, keepdim=True)
+    return scaled.masked_fill(greedy & not_max, -math.inf)
+
+
+def min_p_mask(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens with p >= min_p * max p (probabilities of these, already temperature-scaled, logits)."""
+    if min_p <= 0:
+        return logits
+    floor = logits.max(-1, keepdim=True).values + math.log(min_p)
+    return logits.masked_fill(logits < floor, -math.inf)
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter with Hugging Face's TopPLogitsWarper convention (drop the tokens whose ascending
+    cumulative probability is <= 1 - top_p, always keep the most likely one). The dropped tokens form a
+    prefix of the sorted order, so one cutoff logit per row replaces a scatter; exact ties at the cutoff
+    are all kept."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits = torch.sort(logits, dim=-1).values
+    n_drop = (sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p).sum(-1, keepdim=True)
+    cutoff = sorted_logits.gather(1, n_drop.clamp(max=logits.shape[-1] - 1))
+    return logits.masked_fill(logits < cutoff, -math.inf)
+
+
+class BatchedSampler:
+    """Samples one token per row from raw logits [B, V] with the policy of ``config``.
+
+    State (ReSET modes) lives in device tensors updated in place; ``__call__`` has no host sync (with
+    ``validate=False``, or while capturing a CUDA graph) and samples with the exponential race
+    argmax(p / Exp(1)), so it can be captured. Each call records the sampled tokens for step detection.
+    """
+
+    def __init__(
+        self,
+        config: SamplerConfig,
+        batch_size: int,
+        device,
+        newline_ids,
+        double_newline_ids,
+        *,
+        validate: bool = True,
+        compile: bool = False,
+    ):
+        if not isinstance(config, SamplerConfig):
+            raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
+        self.config, self.batch_size, self.device = config, batch_size, torch.device(device)
+        self.validate = validate
+        self.state = StepEntropyState(batch_size, config.window, self.device, newline_ids, double_newline_ids)
+        t = 0.0 if config.mode == "greedy" else config.temperature
+        self._fixed_T = torch.full((batch_size,), t, dtype=torch.float32, device=self.device)
+        self._core = self._entropy_temperature
+        if compile:  # fuse entropy + ReSET state update (~50 tiny kernels eager) into a few kernels
+            self._core = torch.compile(self._core, fullgraph=True, dynamic=False)
+
+    @classmethod
+    def from_tokenizer(cls, config: SamplerConfig, batch_size: int, device, tokenizer, **kwargs):
+        from .tokens import newline_token_ids
+
+        return cls(config, batch_size, device, *newline_token_ids(tokenizer), **kwargs)
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Start rows (bool mask [B] or indices; None = all) as new sequences."""
+        self.state.reset(rows)
+
+    def observe(self, tokens: torch.Tensor) -> None:
+        """Override the last recorded token per row (teacher forcing); entries < 0 keep the sampled one."""
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if tokens.shape != (self.batch_size,):
+            raise ValueError(
+                f"observe expects tokens of shape [{self.batch_size}], got {tuple(tokens.shape)}"
+            )
+        self.state.last.copy_(torch.where(tokens >= 0, tokens.long(), self.state.last))
+
+    def temperatures(self, H: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row temperature for entropies ``H`` [B]; advances the ReSET state."""
+        cfg = self.config
+        if not cfg.stateful:
+            return self._fixed_T
+        est = self.state.step(H, active=active)
+        return select_temperature(cfg.mode, H, est, cfg.t_low, cfg.t_high, cfg.tau0)
+
+    def _entropy_temperature(self, x: torch.Tensor, active: torch.Tensor | None):
+        H = token_entropy(x)
+        return H, self.temperatures(H, active)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        generator: torch.Generator | None = None,
+        active: torch.Tensor | None = None,
+    ) -> SamplerOutput:
+        """Sample [B] tokens from raw logits [B, V]; ``active`` [B] bool limits state updates to live rows."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        check_logits(logits, self.batch_size, values=self.validate and not capturing)
+        if active is not None and active.shape != (self.batch_size,):
+            raise ValueError(f"active must have shape [{self.batch_size}], got {tuple(active.shape)}")
+        x = logits.float()
+        H, T = self._core(x, active)
+        greedy_tok = x.argmax(-1)
+        if self.config.mode == "greedy":
+            tokens = greedy_tok
+        else:
+            scaled = x / T.clamp(min=GREEDY_T)[:, None]
+            scaled = top_p_mask(min_p_mask(scaled, self.config.min_p), self.config.top_p)
+            probs = scaled.softmax(-1)
+            q = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-30)
+            tokens = torch.where(T <= GREEDY_T, greedy_tok, probs.div_(q).argmax(-1))
+        self.state.record(tokens, active=active)
+        return SamplerOutput(tokens, H, T)
