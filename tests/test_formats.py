@@ -225,3 +225,12 @@ def test_mxfp4_scale_0xff_decodes_to_nan_in_its_block_only():
     w = MXFP4Tensor(t.packed, scale).dequantize(torch.float32)
     assert torch.isnan(w[1, :32]).all()
     assert torch.isfinite(w[0]).all() and torch.isfinite(w[1, 32:]).all()
+
+
+def test_e2m1_decode_matches_the_published_table_for_all_16_codes():
+    from fp4reason.formats import codes_to_e2m1
+
+    table = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    got = codes_to_e2m1(torch.arange(16, dtype=torch.uint8))
+    assert got.tolist() == table
+    assert torch.signbit(got).tolist() == [i >= 8 for i in range(16)]

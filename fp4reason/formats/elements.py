@@ -10,8 +10,6 @@ import torch
 E2M1_MAX = 6.0
 E1M2_MAX = 3.5
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-# code -> value for all 16 codes (bit 3 is the sign)
-E2M1_LUT = torch.cat([E2M1_VALUES, -E2M1_VALUES])
 
 
 def round_e2m1(x: torch.Tensor) -> torch.Tensor:
@@ -36,8 +34,12 @@ def e2m1_to_codes(q: torch.Tensor) -> torch.Tensor:
 
 
 def codes_to_e2m1(codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Decode 4-bit E2M1 codes to values."""
-    return E2M1_LUT.to(device=codes.device, dtype=dtype)[codes.long()]
+    """Decode 4-bit E2M1 codes to values, arithmetically on the codes' device (no host table, so it can
+    run inside CUDA-graph capture): magnitudes 0-3 are m/2, 4-7 are (2 + m%2) * 2^(m//2 - 2)."""
+    mag = (codes & 7).to(torch.int32)
+    high = ((mag & 1) + 2).to(dtype) * torch.exp2(((mag >> 1) - 2).to(dtype))
+    value = torch.where(mag < 4, mag.to(dtype) * 0.5, high)
+    return torch.where((codes & 8) != 0, -value, value)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

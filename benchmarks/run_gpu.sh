@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU-host driver: GPU tests and benchmarks, each with its own time limit, logs and JSON in $OUT.
+# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [sampler] [qat] [kernel] [e2e]
+# (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+stages=${*:-tests sampler qat kernel e2e}
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "exit=$?"; tail -n 30 "$OUT/$name.log"
+}
+{ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} > "$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+for s in $stages; do
+  case $s in
+    tests) step gpu_tests 150 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
+             tests/test_kernels.py tests/test_engine.py tests/test_quant.py tests/test_sampling.py ;;
+    sampler) step sampler_overhead 75 python3 benchmarks/sampler_overhead.py --device cuda --out "$OUT/sampler_overhead_gpu.json" ;;
+    qat) step qat_throughput 150 python3 benchmarks/qat_throughput.py --out "$OUT/qat_throughput.json" ;;
+    kernel) step kernel_bench 150 python3 benchmarks/kernel_bench.py --out "$OUT/kernel" ;;
+    e2e) step e2e_bench 330 python3 benchmarks/e2e_bench.py --no-compare-attn --out "$OUT/e2e.json" ;;
+  esac
+done
+echo "=== done ($(date +%T))"
