@@ -211,14 +211,9 @@ def test_mxfp4_errors():
         quantize_mxfp4(torch.randn(4, 48))
     with pytest.raises(ValueError, match="non-finite"):
         quantize_mxfp4(torch.full((1, 32), float("inf")))
-    bad = MXFP4Tensor(torch.zeros(1, 16, dtype=torch.uint8), torch.full((1, 1), 255, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="NaN"):
-        bad.dequantize()
 
 
 def test_mxfp4_scale_0xff_decodes_to_nan_in_its_block_only():
-    from fp4reason.formats import MXFP4Tensor, quantize_mxfp4
-
     t = quantize_mxfp4(torch.randn(2, 64))
     scale = t.scale.clone()
     scale[1, 0] = 255
