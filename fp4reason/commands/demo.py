@@ -19,7 +19,9 @@ ANSWER = "27"  # 3 * 12 - 9
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="quantize the default model and compare BF16 vs NVFP4+ReSET answers")
+    p = subparsers.add_parser(
+        "demo", help="quantize the default model and compare BF16 vs NVFP4+ReSET answers"
+    )
     p.add_argument("--model", default="qwen2.5-coder-0.5b", help="default model name or model directory")
     p.add_argument("--scheme", default="nvfp4-w4a4", help="FP4 scheme for the quantized model")
     p.add_argument("--question", default=QUESTION)
@@ -28,17 +30,20 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _summary(name: str, gen) -> str:
+def _summary(name: str, gen, t_low: float | None = None) -> str:
+    """Per-token raw-logit entropy summary; for ReSET also the share of tokens sampled at T_low."""
     ents = gen.entropies or []
-    temps = gen.temperatures or []
     if not ents:
         return f"{name}: no tokens"
     hi = sorted(ents)[int(0.9 * (len(ents) - 1))]
-    low_share = sum(t < 0.99 for t in temps) / len(temps) if temps else float("nan")
-    return (
+    line = (
         f"{name:16s} tokens={len(ents):4d}  mean H={statistics.fmean(ents):.3f} nats  "
-        f"median H={statistics.median(ents):.3f}  p90 H={hi:.3f}  share of tokens at T_low={low_share:.2f}"
+        f"median H={statistics.median(ents):.3f}  p90 H={hi:.3f}"
     )
+    if t_low is not None and gen.temperatures:
+        cool = sum(abs(t - t_low) < 1e-6 for t in gen.temperatures) / len(gen.temperatures)
+        line += f"  tokens at T_low: {cool:.0%}"
+    return line
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,18 +64,31 @@ def run(args: argparse.Namespace) -> int:
 
     print("\n[2/4] BF16 answer (temperature 0.6, top-p 0.95):\n", flush=True)
     bf16 = Engine(model, tokenizer, max_batch_size=1, max_seq_len=1024).generate(
-        [prompt], sampler=SamplerConfig(mode="fixed", temperature=0.6, top_p=0.95),
-        max_new_tokens=args.max_new_tokens, chat_template=True, return_entropies=True, stream=stream, seed=args.seed,
+        [prompt],
+        sampler=SamplerConfig(mode="fixed", temperature=0.6, top_p=0.95),
+        max_new_tokens=args.max_new_tokens,
+        chat_template=True,
+        return_entropies=True,
+        stream=stream,
+        seed=args.seed,
     )[0]
 
     print(f"\n\n[3/4] quantizing to {args.scheme} (max calibration on built-in text)", flush=True)
     qmodel = quantize_model(copy.deepcopy(model), args.scheme, tokenizer=tokenizer)
     reset = PRESETS.get(args.model, SamplerConfig(mode="reset"))
-    print(f"\n[4/4] {args.scheme} answer with ReSET (t_low={reset.t_low}, t_high={reset.t_high}, "
-          f"tau0={reset.tau0}, window={reset.window}, top-p {reset.top_p}):\n", flush=True)
+    print(
+        f"\n[4/4] {args.scheme} answer with ReSET (t_low={reset.t_low}, t_high={reset.t_high}, "
+        f"tau0={reset.tau0}, window={reset.window}, top-p {reset.top_p}):\n",
+        flush=True,
+    )
     fp4 = Engine(qmodel, tokenizer, max_batch_size=1, max_seq_len=1024).generate(
-        [prompt], sampler=reset, max_new_tokens=args.max_new_tokens, chat_template=True,
-        return_entropies=True, stream=stream, seed=args.seed,
+        [prompt],
+        sampler=reset,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=True,
+        return_entropies=True,
+        stream=stream,
+        seed=args.seed,
     )[0]
 
     print("\n\n=== summary ===")
@@ -79,6 +97,6 @@ def run(args: argparse.Namespace) -> int:
     for name, gen in (("BF16", bf16), (f"{args.scheme}+ReSET", fp4)):
         print(f"{name:16s} answer: {extract_answer(gen.text)!s:10s} finish={gen.finish_reason}")
     print(_summary("BF16", bf16))
-    print(_summary(f"{args.scheme}+ReSET", fp4))
+    print(_summary(f"{args.scheme}+ReSET", fp4, t_low=reset.t_low))
     print(f"done in {time.time() - t0:.0f} s", file=sys.stderr)
     return 0

@@ -47,9 +47,15 @@ class MXFP4Tensor:
 
     def __post_init__(self) -> None:
         if self.packed.dtype != torch.uint8 or self.packed.ndim != 2:
-            raise ValueError(f"packed must be uint8 [N, K/2], got {self.packed.dtype} {tuple(self.packed.shape)}")
+            raise ValueError(
+                f"packed must be uint8 [N, K/2], got {self.packed.dtype} {tuple(self.packed.shape)}"
+            )
         n, k = self.shape
-        if self.scale.dtype != torch.uint8 or k % MX_BLOCK_SIZE or tuple(self.scale.shape) != (n, k // MX_BLOCK_SIZE):
+        if (
+            self.scale.dtype != torch.uint8
+            or k % MX_BLOCK_SIZE
+            or tuple(self.scale.shape) != (n, k // MX_BLOCK_SIZE)
+        ):
             raise ValueError(
                 f"MXFP4 scale must be uint8 [{n}, {k // MX_BLOCK_SIZE}] for a weight [{n}, {k}], "
                 f"got {self.scale.dtype} {tuple(self.scale.shape)}"

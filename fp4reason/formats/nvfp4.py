@@ -74,7 +74,9 @@ class NVFP4Tensor:
 
     def __post_init__(self) -> None:
         if self.packed.dtype != torch.uint8 or self.packed.ndim != 2:
-            raise ValueError(f"packed must be uint8 [N, K/2], got {self.packed.dtype} {tuple(self.packed.shape)}")
+            raise ValueError(
+                f"packed must be uint8 [N, K/2], got {self.packed.dtype} {tuple(self.packed.shape)}"
+            )
         n, k = self.shape
         if self.block_scale.dtype != torch.float8_e4m3fn:
             raise ValueError(f"block_scale must be float8_e4m3fn, got {self.block_scale.dtype}")
@@ -111,7 +113,9 @@ class NVFP4Tensor:
         """Concatenate weights along N (fused q/k/v or gate/up); their tensor scales must be equal."""
         g = parts[0].global_scale
         if any(not torch.equal(p.global_scale, g) for p in parts[1:]):
-            raise ValueError("cannot fuse NVFP4 weights with different global scales; quantize them with a shared one")
+            raise ValueError(
+                "cannot fuse NVFP4 weights with different global scales; quantize them with a shared one"
+            )
         return cls(torch.cat([p.packed for p in parts]), torch.cat([p.block_scale for p in parts]), g)
 
     @classmethod
@@ -137,7 +141,11 @@ def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None) ->
         raise ValueError(f"quantize_nvfp4 expects a 2-D weight [N, K], got shape {tuple(w.shape)}")
     _check_blocks(w, BLOCK_SIZE, "weight")
     _check_finite(w, "weight")
-    g = nvfp4_global_scale(w.abs().amax().float()) if global_scale is None else global_scale.float().reshape(1)
+    g = (
+        nvfp4_global_scale(w.abs().amax().float())
+        if global_scale is None
+        else global_scale.float().reshape(1)
+    )
     g = g.to(w.device)
     q, block_scale, _ = _quantize_blocks(w, g, BLOCK_SIZE)
     return NVFP4Tensor(pack_nibbles(e2m1_to_codes(q.flatten(-2))), block_scale, g)
