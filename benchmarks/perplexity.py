@@ -47,9 +47,8 @@ def main() -> None:
         # the last GSM8K test problems: far from anything the calibration text holds
         ids = torch.tensor(tok(gsm8k_text(60))["input_ids"][: args.tokens])
         results[scheme] = perplexity(model, ids)
-        print(
-            f"{args.model} {scheme:14s} ppl {results[scheme]:8.3f}  ({len(ids)} tokens, {time.time() - t:.0f} s)"
-        )
+        secs = time.time() - t
+        print(f"{args.model} {scheme:14s} ppl {results[scheme]:8.3f}  ({len(ids)} tokens, {secs:.0f} s)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(
