@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU-host driver: GPU tests and benchmarks, each with its own time limit, logs and JSON in $OUT.
-# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [sampler] [qat] [kernel] [e2e]
+# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [qat] [kernel] [e2e]
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -21,9 +21,11 @@ for s in $stages; do
   case $s in
     tests) step gpu_tests 150 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              tests/test_kernels.py tests/test_engine.py tests/test_quant.py tests/test_sampling.py ;;
+    recheck) step gpu_recheck 150 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
+             -k "cuda_graphs or torch_compile" tests/test_kernels.py tests/test_engine.py ;;
     sampler) step sampler_overhead 75 python3 benchmarks/sampler_overhead.py --device cuda --out "$OUT/sampler_overhead_gpu.json" ;;
     qat) step qat_throughput 150 python3 benchmarks/qat_throughput.py --out "$OUT/qat_throughput.json" ;;
-    kernel) step kernel_bench 150 python3 benchmarks/kernel_bench.py --out "$OUT/kernel" ;;
+    kernel) step kernel_bench 200 python3 benchmarks/kernel_bench.py --m "${KERNEL_M:-1,2,4,8,16}" --out "$OUT/kernel" ;;
     e2e) step e2e_bench 330 python3 benchmarks/e2e_bench.py --no-compare-attn --out "$OUT/e2e.json" ;;
   esac
 done
