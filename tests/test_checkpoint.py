@@ -32,15 +32,6 @@ from fp4reason.quant import (
 IDS = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~30x faster than two on this shared, loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def logits(model, ids=IDS):
     with torch.no_grad():
         return model(ids).logits

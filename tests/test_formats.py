@@ -23,15 +23,6 @@ from compressed_tensors.quantization import preset_name_to_scheme  # noqa: E402
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~30x faster than two on this shared, loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def ct_nvfp4(w: torch.Tensor, global_scale: torch.Tensor | None = None) -> dict:
     """compressed-tensors' own NVFP4 recipe and packer (what llm-compressor runs per Linear)."""
     scheme = preset_name_to_scheme("NVFP4A16", ["Linear"])

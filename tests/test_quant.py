@@ -27,15 +27,6 @@ E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~30x faster than two on this shared, loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def byte_tokenizer():
     """A real (fast) HF tokenizer whose ids are the 256 byte-level symbols, matching the tiny vocab."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
