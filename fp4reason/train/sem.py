@@ -6,8 +6,8 @@ over label tokens, with ``tau`` the ``percentile`` quantile (linear interpolatio
 of the micro-batch's label-token entropies; the weights carry no gradient, ``H_t`` does. The caller adds
 ``lambda * penalty`` (ReQAT: lambda = 0.1) to the cross-entropy.
 
-Entropy is over the full vocabulary in float32, a chunk of rows at a time, forward and backward, so a 16k-token
-sequence with a 152k vocabulary needs one chunk of float32 rows at a time, not the whole [T, V] in float32.
+Entropy is over the full vocabulary in float32, a chunk of rows at a time, forward and backward,
+so a 16k-token sequence with a 152k vocabulary needs one chunk of float32 rows, not all of [T, V] in float32.
 """
 
 import torch
@@ -47,7 +47,9 @@ class _ChunkedEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+def token_entropy(
+    logits: torch.Tensor, mask: torch.Tensor | None = None, chunk: int | None = None
+) -> torch.Tensor:
     """Full-vocabulary float32 entropy (nats) of ``logits[..., V]`` at positions where ``mask`` is true
     (all if None), as a 1-D tensor in row-major order; differentiable, chunked."""
     flat = logits.reshape(-1, logits.shape[-1])
@@ -55,7 +57,9 @@ def token_entropy(logits: torch.Tensor, mask: torch.Tensor | None = None, chunk:
         rows = torch.arange(flat.shape[0], device=logits.device)
     else:
         if mask.shape != logits.shape[:-1]:
-            raise ValueError(f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape[:-1])}")
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match logits {tuple(logits.shape[:-1])}"
+            )
         rows = mask.reshape(-1).nonzero().squeeze(-1)
     return _ChunkedEntropy.apply(flat, rows, chunk or _chunk_rows(logits.shape[-1]))
 
@@ -71,7 +75,7 @@ def sem_weights(entropy: torch.Tensor, percentile: float = 0.75) -> torch.Tensor
 def sem_penalty(
     logits: torch.Tensor, labels: torch.Tensor, *, percentile: float = 0.75, ignore_index: int = -100
 ) -> torch.Tensor:
-    """Mean of ``w_t * H_t`` over label tokens; ``logits[:, t]`` is scored against ``labels[:, t]`` (no shift)."""
+    """Mean of ``w_t * H_t`` over label tokens; ``logits[:, t]`` is scored against ``labels[:, t]``."""
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not match")
     if not 0.0 <= percentile <= 1.0:

@@ -1,0 +1,171 @@
+"""Training throughput: fake-quant W4A4KV4 QAT (+SEM) against BF16 fine-tuning, same model and data.
+
+A randomly initialised Qwen3-0.6B-shaped model (config below), fp32 master weights, bf16 autocast, AdamW,
+sequence 2048, batch 1, completion-only loss on the second half. Prints tokens/s per mode and the step-time
+ratio against BF16 (ReQAT target: QAT step <= 1.5x a BF16 step), and writes JSON.
+
+    python benchmarks/qat_throughput.py --out benchmarks/results/qat_throughput_h100.json
+    python benchmarks/qat_throughput.py --tiny   # CPU smoke run
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+QWEN3_0_6B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    tie_word_embeddings=True,
+    hidden_act="silu",
+    attention_bias=False,
+)
+TINY = dict(
+    QWEN3_0_6B,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
+
+def build(cfg: dict, device):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU directly (seconds, not a minute, for 0.6B)
+        model = AutoModelForCausalLM.from_config(
+            Qwen3Config(**cfg), dtype=torch.float32, attn_implementation="sdpa"
+        )
+    return model.train()
+
+
+def run_mode(mode: str, cfg: dict, args, device) -> dict:
+    from fp4reason.train.fakequant import compile_fake_quant, prepare_qat
+    from fp4reason.train.losses import chunked_cross_entropy
+    from fp4reason.train.sem import sem_penalty
+
+    model = build(cfg, device)
+    compile_fake_quant(mode.endswith("compiled"))
+    if mode.startswith("qat"):
+        prepare_qat(model)
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (args.batch, args.seq + 1), generator=g).to(device)
+    labels = ids[:, 1:].clone()
+    labels[:, : args.seq // 2] = -100
+    n_label = int((labels != -100).sum())
+    sem = "sem" in mode
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+        loss = chunked_cross_entropy(logits, labels) / n_label  # the trainer's loss path
+        if sem:
+            loss = loss + 0.1 * sem_penalty(logits, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = sorted(times)[len(times) // 2]
+    res = {
+        "step_s_median": step_s,
+        "step_s_all": times,
+        "tokens_per_s": args.batch * args.seq / step_s,
+        "loss": loss.item(),
+    }
+    if cuda:
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="write results JSON here")
+    ap.add_argument("--tiny", action="store_true", help="tiny model, short sequence (CPU smoke test)")
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every mode")
+    ap.add_argument(
+        "--modes", default=None, help="comma list of bf16,qat,qat_sem,qat_compiled,qat_sem_compiled"
+    )
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = TINY if args.tiny else QWEN3_0_6B
+    args.seq = args.seq or (64 if args.tiny else 2048)
+    default = "bf16,qat,qat_sem" + ("" if device.type == "cpu" else ",qat_compiled,qat_sem_compiled")
+    modes = (args.modes or default).split(",")
+    if modes[0] != "bf16":
+        modes.insert(0, "bf16")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    print(
+        f"device {name}, {'tiny' if args.tiny else 'Qwen3-0.6B-shaped'} model, seq {args.seq}, "
+        f"batch {args.batch}"
+    )
+    print(f"{'mode':<18}{'step (s)':>10}{'tokens/s':>12}{'x BF16 step':>13}", flush=True)
+    results = {}
+    for mode in modes:  # printed and written after every mode: a timeout keeps what finished
+        r = results[mode] = run_mode(mode, cfg, args, device)
+        r["ratio_vs_bf16"] = r["step_s_median"] / results["bf16"]["step_s_median"]
+        print(
+            f"{mode:<18}{r['step_s_median']:>10.4f}{r['tokens_per_s']:>12.0f}{r['ratio_vs_bf16']:>13.2f}",
+            flush=True,
+        )
+        if args.out:
+            write(args, cfg, name, results)
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def write(args, cfg: dict, name: str, results: dict) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "device": name,
+        "torch": torch.__version__,
+        "model": "tiny" if args.tiny else "qwen3-0.6b-shaped",
+        "config": cfg,
+        "seq": args.seq,
+        "batch": args.batch,
+        "steps": args.steps,
+        "grad_ckpt": args.grad_ckpt,
+        "results": results,
+    }
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()
