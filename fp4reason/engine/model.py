@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fp4reason.formats import MXFP4Tensor, NVFP4Tensor, qdq_kv4, qdq_nvfp4
+from fp4reason.formats import MXFP4Tensor, NVFP4Tensor, qdq_kv4, qdq_mxfp4, qdq_nvfp4
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -214,6 +214,7 @@ class Projection:
             self.weight = prepare_nvfp4(self.weight)  # the kernel's layout and workspace, before any capture
         self.act_quant = _act_quant(modules[0])
         self.input_global_scale = getattr(modules[0], "input_global_scale", None)
+        self.dense_cache = None  # CPU only: the exactly dequantized weight, made once
 
     def __call__(self, x: torch.Tensor, ops: "Ops | None" = None) -> torch.Tensor:
         if self.kind == "dense":
@@ -222,7 +223,13 @@ class Projection:
             from fp4reason import kernels
 
             x2 = x.reshape(-1, x.shape[-1])
-            if self.fmt == "nvfp4":
+            if x2.device.type == "cpu":  # the reference math with the dequantization done once, not per call
+                if self.dense_cache is None or self.dense_cache.dtype != x2.dtype:
+                    self.dense_cache = self.weight.dequantize(x2.dtype)
+                if self.act_quant:
+                    x2 = qdq_nvfp4(x2, self.input_global_scale) if self.fmt == "nvfp4" else qdq_mxfp4(x2)
+                y = F.linear(x2, self.dense_cache, self.bias)
+            elif self.fmt == "nvfp4":
                 act_quant = self.act_quant
                 if act_quant and ops is not None and ops.compiled:  # one fused kernel instead of ~20
                     x2, act_quant = ops.act_nvfp4(x2, self.input_global_scale), False
