@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from fp4reason.eval.grading import extract_answer
     from fp4reason.models import load_model
     from fp4reason.quant import quantize_model
-    from fp4reason.sampling import PRESETS, SamplerConfig
+    from fp4reason.sampling import SamplerConfig, preset_for
 
     torch.manual_seed(args.seed)
     t0 = time.time()
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"\n\n[3/4] quantizing to {args.scheme} (max calibration on built-in text)", flush=True)
     qmodel = quantize_model(copy.deepcopy(model), args.scheme, tokenizer=tokenizer)
-    reset = PRESETS.get(args.model, SamplerConfig(mode="reset"))
+    reset = preset_for(args.model) or SamplerConfig(mode="reset")
     print(
         f"\n[4/4] {args.scheme} answer with ReSET (t_low={reset.t_low}, t_high={reset.t_high}, "
         f"tau0={reset.tau0}, window={reset.window}, top-p {reset.top_p}):\n",

@@ -75,6 +75,9 @@ PRESETS: dict[str, SamplerConfig] = {
     "Qwen3-32B": _reset(0.1, 0.5363),
     "DeepSeek-R1-Distill-Qwen-7B": _reset(0.4, 0.6446),
     "DeepSeek-R1-Distill-Qwen-14B": _reset(0.3, 0.6488),
+    # fp4reason's demo model, NVFP4 W4A4: tau0 from `fp4reason calibrate-tau` (4 GSM8K calibration-split
+    # problems, seed 42); T_low is the paper's most common value, not tuned on this model
+    "qwen2.5-coder-0.5b": _reset(0.1, 0.6881),
 }
 
 
