@@ -59,19 +59,20 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     print(f"[1/4] loading {args.model} (first run converts it once into the cache)", flush=True)
     model, tokenizer = load_model(args.model)
-    prompt = args.question + SUFFIX
-    stream = lambda s: print(s, end="", flush=True)
+
+    def answer(m, sampler):
+        return Engine(m, tokenizer, max_batch_size=1, max_seq_len=1024).generate(
+            [args.question + SUFFIX],
+            sampler=sampler,
+            max_new_tokens=args.max_new_tokens,
+            chat_template=True,
+            return_entropies=True,
+            stream=lambda s: print(s, end="", flush=True),
+            seed=args.seed,
+        )[0]
 
     print("\n[2/4] BF16 answer (temperature 0.6, top-p 0.95):\n", flush=True)
-    bf16 = Engine(model, tokenizer, max_batch_size=1, max_seq_len=1024).generate(
-        [prompt],
-        sampler=SamplerConfig(mode="fixed", temperature=0.6, top_p=0.95),
-        max_new_tokens=args.max_new_tokens,
-        chat_template=True,
-        return_entropies=True,
-        stream=stream,
-        seed=args.seed,
-    )[0]
+    bf16 = answer(model, SamplerConfig(mode="fixed", temperature=0.6, top_p=0.95))
 
     print(f"\n\n[3/4] quantizing to {args.scheme} (max calibration on built-in text)", flush=True)
     qmodel = quantize_model(copy.deepcopy(model), args.scheme, tokenizer=tokenizer)
@@ -81,15 +82,7 @@ def run(args: argparse.Namespace) -> int:
         f"tau0={reset.tau0}, window={reset.window}, top-p {reset.top_p}):\n",
         flush=True,
     )
-    fp4 = Engine(qmodel, tokenizer, max_batch_size=1, max_seq_len=1024).generate(
-        [prompt],
-        sampler=reset,
-        max_new_tokens=args.max_new_tokens,
-        chat_template=True,
-        return_entropies=True,
-        stream=stream,
-        seed=args.seed,
-    )[0]
+    fp4 = answer(qmodel, reset)
 
     print("\n\n=== summary ===")
     if args.question == QUESTION:
