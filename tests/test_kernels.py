@@ -2,6 +2,8 @@
 
 Every check compares against float64 math on the dequantized weight with fresh random inputs."""
 
+import random
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from fp4reason.kernels import (
     tile_nvfp4,
     untile_nvfp4,
 )
+from fp4reason.kernels.cuda import WORD_MAG_LO, WORD_SIGN, _word_bytes
 
 
 def _ref64(x: torch.Tensor, w: NVFP4Tensor, bias=None) -> torch.Tensor:
@@ -98,9 +101,16 @@ def test_tiled_layout_is_a_byte_permutation():
         tile, rr = divmod(row, 16)
         h, g = divmod(rr, 8)
         for c in range(k // 128):
-            for byte in range(64):
-                tt, j = divmod(byte, 16)
-                assert t.tiled[tile, c, h * 512 + (g * 4 + tt) * 16 + j] == w.packed[row, c * 64 + byte]
+            for word in range(16):  # lane tt holds words 4tt..4tt+3 of the row's chunk, bits permuted
+                tt, j = divmod(word, 4)
+                at = h * 512 + (g * 4 + tt) * 16 + 4 * j
+                got = int.from_bytes(bytes(t.tiled[tile, c, at : at + 4].tolist()), "little")
+                src = int.from_bytes(
+                    bytes(w.packed[row, c * 64 + 4 * word : c * 64 + 4 * word + 4].tolist()), "little"
+                )
+                for e in range(8):  # element e: magnitude bits and sign where WORD_MAG_LO / WORD_SIGN say
+                    assert (got >> WORD_MAG_LO[e]) & 7 == (src >> 4 * e) & 7
+                    assert (got >> WORD_SIGN[e]) & 1 == (src >> 4 * e + 3) & 1
             for blk in range(8):
                 q, jj = divmod(blk, 4)
                 assert t.tiled[tile, c, 1024 + (g * 4 + h * 2 + q) * 4 + jj] == sb[row, c * 8 + blk]
@@ -108,6 +118,49 @@ def test_tiled_layout_is_a_byte_permutation():
     assert not pad_packed[n:].any() and not pad_scale[n:].view(torch.uint8).any()  # padding rows are zero
     x = torch.randn(3, k, dtype=torch.bfloat16)
     assert torch.equal(nvfp4_linear(x, t), nvfp4_linear_reference(x, w))
+
+
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_kernel_word_decode_matches_e2m1(bf16):
+    """The CUDA kernel's decode_word, operation for operation on uint32 (csrc/nvfp4_gemv.cu), applied to
+    words in the tiled bit layout, gives pairs (k0,k1) .. (k6,k7) equal to the E2M1 values times 2^-126
+    (bf16) or 2^-14 (fp16) for every code."""
+    m32 = 0xFFFFFFFF
+    s_ = 0x80008000
+    if bf16:
+        m_ = 0x01C001C0
+        ops = [
+            lambda q: q & (s_ | m_),
+            lambda q: (q << 6) & (s_ | m_),
+            lambda q: ((q << 3) & m_) | ((q << 2) & s_),
+            lambda q: ((q >> 4) & m_) | ((q << 1) & s_),
+        ]
+    else:
+        m_ = 0x0E000E00
+        ops = [
+            lambda q: ((q << 3) & m_) | (q & s_),
+            lambda q: ((q << 9) & m_) | ((q << 6) & s_),
+            lambda q: ((q << 6) & m_) | ((q << 2) & s_),
+            lambda q: ((q >> 1) & m_) | ((q << 1) & s_),
+        ]
+    dtype, unit = (torch.bfloat16, 2.0**-126) if bf16 else (torch.float16, 2.0**-14)
+    rng = random.Random(0)
+    words = [rng.getrandbits(32) for _ in range(2000)] + [0x76543210, 0xFEDCBA98, 0, m32]
+    packed = torch.tensor([list(wd.to_bytes(4, "little")) for wd in words], dtype=torch.uint8)
+    permuted = _word_bytes(packed)
+    for wd, pb in zip(words, permuted.tolist(), strict=True):
+        q = int.from_bytes(bytes(pb), "little")
+        for i, op in enumerate(ops):
+            pair = op(q) & m32
+            halves = torch.tensor([pair & 0xFFFF, pair >> 16], dtype=torch.int32).to(torch.int16)
+            got = halves.view(dtype).double()
+            for e, v in zip((2 * i, 2 * i + 1), got.tolist(), strict=True):
+                code = (wd >> 4 * e) & 0xF
+                want = (-1.0 if code & 8 else 1.0) * E2M1[code & 7] * unit
+                assert v == want or (want == 0.0 and v == 0.0), (hex(wd), i, e, v, want)
 
 
 def test_prepare_leaves_k_not_multiple_of_128():
@@ -122,15 +175,15 @@ def test_split_and_variant_dispatch(monkeypatch):
 
     monkeypatch.setattr(fk, "_sm_count", lambda device: 132)
     monkeypatch.setattr(fk, "_variant", None)
-    assert fk.variant_for(1) == fk.variant_for(8) == 2 and fk.variant_for(9) == fk.variant_for(16) == 0
-    for m in (1, 8, 16):
-        rows = fk._ROWS_PER_CTA[fk.variant_for(m)]
-        for n, k in [(4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (72, 256), (200000, 128)]:
-            s = fk.split_count(m, n, k)
-            assert s >= 1 and s & (s - 1) == 0 and s <= max(1, k // 128)
-            ctas = -(-n // rows) * s
-            assert s == 1 or ctas <= (512 if m <= 8 else 384)  # grid stays within one wave
-            assert 2 * s > min(k // 128, (512 if m <= 8 else 384) / -(-n // rows)) or s == k // 128
+    assert fk.variant_for(1) == fk.variant_for(16) == 0 and fk._ROWS_PER_CTA[0] == 128
+    # worked by hand (132 SMs -> at most 396 CTAs, 128-row CTAs, >= 4 chunks of 128 k per split)
+    assert fk.split_count(1, 28672, 4096) == 1  # 224 row blocks: 448 would pass 396
+    assert fk.split_count(1, 24576, 4096) == 2  # 192 -> 384
+    assert fk.split_count(16, 6144, 4096) == 8  # 48 -> 384 CTAs, 4 chunks each
+    assert fk.split_count(1, 4096, 4096) == 8  # 32 -> 256 (16 would leave 2 chunks per split)
+    assert fk.split_count(1, 4096, 14336) == 8  # 32 -> 256 (512 would pass 396)
+    assert fk.split_count(1, 72, 256) == 1  # 2 chunks: too few to split
+    assert fk.split_count(1, 200000, 128) == 1
 
 
 # ---------------------------------------------------------------- GPU: the Hopper kernel

@@ -39,11 +39,11 @@ CHUNK = 128
 MAX_M = 16
 _WS_ROWS = 1 << 17  # split-K is used for N up to this many rows
 # kernel variant (csrc launch_variant): 0/1 = 2 row tiles per warp (128 rows per CTA), 2/3 = 1 (64 rows).
-# None = by M, from the H100 sweep (benchmarks/NOTES.md): 1 tile per warp for M <= 8, 2 above.
+# None = variant 0 at every M (H100 sweep of v5, benchmarks/NOTES.md).
 _variant: int | None = int(os.environ["FP4REASON_VARIANT"]) if "FP4REASON_VARIANT" in os.environ else None
 _ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64}
-# programmatic dependent launch: None = only for small weights (N*K <= 32M: qkv/o of 8B models), where
-# it hid ~0.4-1.3 us of ramp-up; on down/gate_up it cost up to 5 us (M=1) / 10 us (M=16) (NOTES.md, v4)
+# programmatic dependent launch: None = on (v5 sweep: equal or faster on every 8B linear but Qwen3 gate_up at
+# M=16; v4, with more instructions per weight, had lost on the large ones)
 _pdl: int | None = int(os.environ["FP4REASON_PDL"]) if "FP4REASON_PDL" in os.environ else None
 
 
@@ -121,16 +121,18 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
 
 
 def variant_for(m: int) -> int:
-    return _variant if _variant is not None else (2 if m <= 8 else 0)
+    """Kernel variant: 0 (two 16-row tiles per warp, 128-row CTAs, 4 stages) at every M since v5."""
+    return _variant if _variant is not None else 0
 
 
 def split_count(m: int, n: int, k: int, device: int = 0) -> int:
-    """K-splits for an [m, k] x [n, k] call: the largest power of two that keeps the grid at or under
-    ~3.9 (M <= 8) / ~2.9 (M > 8) CTAs per SM (H100 sweep: 512 / 384 CTAs on 132 SMs)."""
+    """K-splits for an [m, k] x [n, k] call: the largest power of two that keeps the grid at or under 3 CTAs
+    per SM and every split at >= 4 chunks of 128 k (H100 sweep, benchmarks/NOTES.md v5: 128-row CTAs at
+    ~2-3 per SM beat both fuller grids and the split-K reduction of smaller pieces)."""
     row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m)])
-    target = (3.88 if m <= 8 else 2.91) * _sm_count(device)
+    limit, chunks = 3 * _sm_count(device), k // CHUNK
     s = 1
-    while s * 2 <= min(k // CHUNK, target / row_blocks):
+    while row_blocks * s * 2 <= limit and s * 2 <= chunks // 4:
         s *= 2
     return s
 
@@ -148,12 +150,40 @@ def supported(x: torch.Tensor, n: int, k: int) -> bool:
 TILE_BYTES = 16 * 64 + 16 * 8
 
 
+# Inside each 32-bit word of 8 consecutive k (element j = CT nibble j: bits 0..2 magnitude, bit 3 sign), the
+# tiled layout moves element j's magnitude to bits WORD_MAG_LO[j]..+2 and its sign to WORD_SIGN[j], so the
+# kernel's decode_word finds pairs (k0,k1) .. (k6,k7) with one to four logic ops each (csrc/nvfp4_gemv.cu).
+WORD_MAG_LO = (6, 22, 0, 16, 3, 19, 10, 26)
+WORD_SIGN = (15, 31, 9, 25, 13, 29, 14, 30)
+
+
+def _permute_word_bits(words: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Apply (or undo) the WORD_MAG_LO / WORD_SIGN bit layout to int64 tensors of 32-bit words."""
+    out = torch.zeros_like(words)
+    for j, (mag, sign) in enumerate(zip(WORD_MAG_LO, WORD_SIGN, strict=True)):
+        src_mag, dst_mag, src_sign, dst_sign = 4 * j, mag, 4 * j + 3, sign
+        if inverse:
+            src_mag, dst_mag, src_sign, dst_sign = dst_mag, src_mag, dst_sign, src_sign
+        out |= ((words >> src_mag) & 7) << dst_mag
+        out |= ((words >> src_sign) & 1) << dst_sign
+    return out
+
+
+def _word_bytes(b: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """uint8 [..., 4n] -> the same bytes with every little-endian 32-bit word bit-permuted."""
+    shifts = torch.arange(0, 32, 8, device=b.device)
+    words = (b.reshape(*b.shape[:-1], -1, 4).long() << shifts).sum(-1)
+    words = _permute_word_bits(words, inverse)
+    return ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(b.shape)
+
+
 def tile_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
     """CT NVFP4 [N, K/2] + [N, K/16] -> uint8 [ceil(N/16), K/128, 1152], the kernel's layout.
 
     Per 16-row tile and 128-k chunk: 1024 B of nibbles in lane order (half h, row g, quad lane t: rows
-    h*8+g, bytes t*16..t*16+15 of the chunk), then 128 B of scales in lane order (lane g*4+t holds
-    blocks 4*(t%2)..+3 of row g + 8*(t//2)). Rows past N are zero."""
+    h*8+g, bytes t*16..t*16+15 of the chunk, each 4-byte word bit-permuted as WORD_MAG_LO / WORD_SIGN
+    say), then 128 B of scales in lane order (lane g*4+t holds blocks 4*(t%2)..+3 of row g + 8*(t//2)).
+    Rows past N are zero."""
     n, kh = packed.shape
     k = kh * 2
     if k % CHUNK:
@@ -163,13 +193,15 @@ def tile_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
     p = F.pad(packed, (0, 0, 0, pad)).view(tiles, 2, 8, chunks, 4, 16).permute(0, 3, 1, 2, 4, 5)
     sc = F.pad(block_scale.view(torch.uint8), (0, 0, 0, pad)).view(tiles, 2, 8, chunks, 2, 4)
     sc = sc.permute(0, 3, 2, 1, 4, 5)  # [tile, chunk, g, h, q, j]
-    return torch.cat([p.reshape(tiles, chunks, 1024), sc.reshape(tiles, chunks, 128)], dim=-1).contiguous()
+    p = _word_bytes(p.reshape(tiles, chunks, 1024))
+    return torch.cat([p, sc.reshape(tiles, chunks, 128)], dim=-1).contiguous()
 
 
 def untile_nvfp4(tiled: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`tile_nvfp4`: (packed [N, K/2] uint8, block_scale [N, K/16] e4m3)."""
     tiles, chunks, _ = tiled.shape
-    p = tiled[..., :1024].reshape(tiles, chunks, 2, 8, 4, 16).permute(0, 2, 3, 1, 4, 5)
+    p = _word_bytes(tiled[..., :1024], inverse=True)
+    p = p.reshape(tiles, chunks, 2, 8, 4, 16).permute(0, 2, 3, 1, 4, 5)
     sc = tiled[..., 1024:].reshape(tiles, chunks, 8, 2, 2, 4).permute(0, 3, 2, 1, 4, 5)
     packed = p.reshape(tiles * 16, chunks * 64)[:n]
     return packed.contiguous(), sc.reshape(tiles * 16, chunks * 8)[:n].contiguous().view(torch.float8_e4m3fn)
@@ -237,7 +269,7 @@ def nvfp4_linear_op(
         s,
         int(x.dtype == torch.bfloat16),
         variant_for(m),
-        int(n * k <= 32 << 20) if _pdl is None else _pdl,
+        1 if _pdl is None else _pdl,
         torch.cuda.current_stream(x.device).cuda_stream,
     )
     if err:
