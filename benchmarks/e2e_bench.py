@@ -4,6 +4,8 @@ A Qwen3-8B-shaped model with random weights (built from its config on the GPU), 
 512-token prompt, 1,024 new tokens, plus one long batch-1 run to 8K tokens. For every run: ms per decode
 step, tokens/s, bytes read per step (weights + lm_head + KV at the current length), achieved bandwidth and
 the ratio to the byte floor at the device's measured copy bandwidth. Also: ReSET's share of a batch-1 step.
+Decode attention is the fused Triton kernel (``--attn triton``); ``--compare-attn`` times NVFP4 W4A16 with
+SDPA too and counts the GPU kernels per step both ways.
 
     python benchmarks/e2e_bench.py --out benchmarks/results/e2e_h100.json          # ~6 min on an H100
     python benchmarks/e2e_bench.py --quick --out benchmarks/results/e2e_quick.json  # < 90 s
@@ -176,6 +178,11 @@ def hf_run(model, batch: int, prompt_len: int, new: int) -> dict:
     )
 
 
+def other_attn(attn: str) -> str:
+    """The decode attention to compare with: SDPA, or the math path when SDPA is the one under test."""
+    return "math" if attn == "sdpa" else "sdpa"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/e2e_h100.json")
@@ -192,12 +199,17 @@ def main() -> int:
     ap.add_argument("--hf-tokens", type=int, default=32)
     ap.add_argument("--variants", default="bf16,nvfp4-w4a16,nvfp4-w4a4")
     ap.add_argument("--long-variants", default="nvfp4-w4a16")
-    ap.add_argument("--attn", choices=("sdpa", "math"), default="sdpa", help="decode attention")
+    ap.add_argument(
+        "--attn",
+        choices=("triton", "sdpa", "math"),
+        default="triton",
+        help="decode attention: the fused Triton kernel (q/k norm, RoPE, cache write, attention) or torch",
+    )
     ap.add_argument(
         "--compare-attn",
         action=argparse.BooleanOptionalAction,
-        help="also time NVFP4 W4A16 with the other decode attention, batch runs and long run (default: on, "
-        "off with --quick)",
+        help="also time NVFP4 W4A16 with the other decode attention (sdpa; math if --attn sdpa), batch runs, "
+        "long run and kernels per step (default: on, off with --quick)",
     )
     args = ap.parse_args()
     if args.quick:
@@ -290,19 +302,26 @@ def main() -> int:
         del engine
         gc.collect()
         if args.compare_attn and variant == "nvfp4-w4a16":
-            other = "math" if args.attn == "sdpa" else "sdpa"
+            other = other_attn(args.attn)
             engine = Engine(model, None, max_batch_size=max(batches), max_seq_len=max_len, attn=other)
             res["attn_" + other] = rows = [
                 engine_run(engine, b, args.prompt_len, args.new_tokens, bw) for b in batches
             ]
+            ours = {r["batch"]: r["ms_per_step"] for r in res["runs"][variant]}
             log(
-                f"{variant} with attn={other}: "
-                + ", ".join(f"b={r['batch']}: {r['ms_per_step']:.2f} ms" for r in rows)
+                f"{variant} ms/step attn={args.attn} vs attn={other}: "
+                + ", ".join(
+                    f"b={r['batch']}: {ours[r['batch']]:.2f} vs {r['ms_per_step']:.2f} "
+                    f"({r['ms_per_step'] / ours[r['batch']]:.2f}x)"
+                    for r in rows
+                )
             )
+            res["gpu_ops_per_step_b1"][f"{variant}_attn_{other}"] = n_other = gpu_ops_per_step(engine, 1)
+            log(f"{variant} GPU kernels/copies per batch-1 step: {args.attn} {n_ops}, {other} {n_other}")
             del engine
             gc.collect()
         if args.long_len and variant in args.long_variants.split(","):
-            attns = [args.attn] + (["math" if args.attn == "sdpa" else "sdpa"] if args.compare_attn else [])
+            attns = [args.attn] + ([other_attn(args.attn)] if args.compare_attn else [])
             for attn in attns:
                 engine = Engine(model, None, max_batch_size=1, max_seq_len=args.long_len, attn=attn)
                 key = variant if attn == args.attn else f"{variant}_attn_{attn}"

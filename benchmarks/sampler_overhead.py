@@ -3,10 +3,12 @@
 Rows per batch size: "plain" (temperature 0.6 + top-p 0.95 + exponential-race sample, no entropy, no state),
 "fixed" (BatchedSampler in fixed mode: plain + the raw-logit entropy the engine records), "reset"
 (BatchedSampler in ReSET mode), "reset_only" (just what ReSET adds: entropy, state update, temperature
-choice) and "reference" (the aiha-lab style: ReSET per row in Python with one ``.item()`` host sync per row).
-On CUDA all but "reference" are timed eagerly and replayed from a captured CUDA graph (the way the decode
-engine runs them). ReSET's overhead per step (= per token of each row) is reset - plain, and directly
-reset_only.
+choice, token record) and "reference" (the aiha-lab style: ReSET per row in Python with one ``.item()`` host
+sync per row). "fixed", "reset" and "reset_only" come twice on CUDA: the torch path (~50 tiny kernels) and the
+fused Triton path (fp4reason/sampling/fused.py, three launches), which is the default on CUDA. On CUDA all but
+"reference" are timed eagerly and replayed from a captured CUDA graph (the way the decode engine runs them).
+ReSET's overhead per step (= per token of each row) is reset - plain, and directly reset_only. Before timing,
+the fused sampler must reproduce the torch path's tokens and temperatures step for step (else it exits 1).
 
     python benchmarks/sampler_overhead.py --device cuda --out benchmarks/results/sampler_overhead_gpu.json
     python benchmarks/sampler_overhead.py --device cpu --out benchmarks/results/sampler_overhead_cpu.json
@@ -74,8 +76,8 @@ class ReferenceStyle:
 
 
 def make_fns(b: int, logits: torch.Tensor, device: torch.device, compile: bool) -> dict:
-    fixed = BatchedSampler(SamplerConfig(mode="fixed"), b, device, NL, DNL, validate=False)
-    reset = BatchedSampler(SamplerConfig(mode="reset"), b, device, NL, DNL, validate=False)
+    fixed = BatchedSampler(SamplerConfig(mode="fixed"), b, device, NL, DNL, validate=False, fused=False)
+    reset = BatchedSampler(SamplerConfig(mode="reset"), b, device, NL, DNL, validate=False, fused=False)
     ref = ReferenceStyle(b)
     state, tok = StepEntropyState(b, 32, device, NL, DNL), torch.full((b,), 271, device=device)
 
@@ -85,13 +87,61 @@ def make_fns(b: int, logits: torch.Tensor, device: torch.device, compile: bool) 
         state.record(tok)
         return T
 
-    return dict(
+    fns = dict(
         plain=lambda: plain(logits),
         fixed=lambda: fixed(logits),
         reset=lambda: reset(logits),
         reset_only=reset_only,
         reference=lambda: ref(logits),
-    ) | (dict(reset_compiled=make_compiled(b, logits, device)) if compile else {})
+    )
+    if device.type == "cuda":
+        fns |= make_fused(b, logits, device)
+    return fns | (dict(reset_compiled=make_compiled(b, logits, device)) if compile else {})
+
+
+def make_fused(b: int, logits: torch.Tensor, device: torch.device) -> dict:
+    """The Triton path; fused=True raises if triton is missing, so there is no silent fallback."""
+    from fp4reason.sampling import fused as fz
+
+    if fz.interpreted():
+        raise SystemExit("TRITON_INTERPRET is set: the fused timings would be the interpreter's")
+    fixed = BatchedSampler(SamplerConfig(mode="fixed"), b, device, NL, DNL, validate=False, fused=True)
+    reset = BatchedSampler(SamplerConfig(mode="reset"), b, device, NL, DNL, validate=False, fused=True)
+    cfg = SamplerConfig(mode="reset")
+    state, tok = StepEntropyState(b, 32, device, NL, DNL), torch.full((b,), 271, device=device)
+    params = fz.sampler_params(cfg, cfg.window, device)
+
+    def reset_only():  # entropy + state + temperature (2 launches), token choice + record (1 launch)
+        H, greedy, T, _ = fz.entropy_temperature(logits, state, "reset", params)
+        return fz.finish(tok, greedy, T, state)
+
+    return dict(
+        fixed_fused=lambda: fixed(logits), reset_fused=lambda: reset(logits), reset_only_fused=reset_only
+    )
+
+
+def check_fused(b: int, vocab: int, device: torch.device, steps: int = 40) -> None:
+    """Exit 1 unless the fused sampler gives the torch path's tokens and temperatures step for step."""
+    torch_path = BatchedSampler(SamplerConfig(mode="reset"), b, device, NL, DNL, fused=False)
+    fused = BatchedSampler(SamplerConfig(mode="reset"), b, device, NL, DNL, fused=True)
+    gen = torch.Generator(device).manual_seed(b)
+    for i in range(steps):
+        x = (
+            torch.randn(b, vocab, device=device, generator=gen)
+            * torch.rand(b, 1, device=device, generator=gen)
+            * 8
+        )
+        x[:, [198, 271]] += 8 * (i % 7 < 2)  # newline tokens win now and then: step boundaries
+        seed = 1000 * b + i
+        a = torch_path(x, torch.Generator(device).manual_seed(seed))
+        f = fused(x, torch.Generator(device).manual_seed(seed))
+        same = torch.equal(a.tokens, f.tokens) and torch.equal(a.temperature, f.temperature)
+        if not same or not torch.allclose(a.entropy, f.entropy, atol=1e-4, rtol=1e-5):
+            raise SystemExit(
+                f"fused sampler differs from the torch path at batch {b}, step {i}: tokens "
+                f"{a.tokens.tolist()} vs {f.tokens.tolist()}, T {a.temperature.tolist()} vs "
+                f"{f.temperature.tolist()}, H {a.entropy.tolist()} vs {f.entropy.tolist()}"
+            )
 
 
 def make_compiled(b: int, logits: torch.Tensor, device: torch.device):
@@ -156,6 +206,8 @@ def main() -> int:
     for b in args.batch:
         logits = (torch.randn(b, args.vocab, device=device) * 3).contiguous()
         compile_batches = args.compile_batches if args.compile_batches is not None else ([1] if cuda else [])
+        if cuda:
+            check_fused(b, args.vocab, device)
         fns = make_fns(b, logits, device, b in compile_batches)
         for name, fn in fns.items():
             for _ in range(3 if cuda else 1):
@@ -174,38 +226,58 @@ def main() -> int:
     t = {(r["batch"], r["sampler"], r["graph"]): r["us_per_call"] for r in results}
     print(
         f"device={device} ({torch.cuda.get_device_name(device) if cuda else platform.processor() or 'cpu'}) "
-        f"vocab={args.vocab} torch={torch.__version__}"
+        f"vocab={args.vocab} torch={torch.__version__}  (us per call; torch = ~50 small kernels, "
+        f"fused = Triton fp4reason/sampling/fused.py)"
     )
+    cols = [
+        ("plain", "plain"),
+        ("fixed", "fixed torch"),
+        ("fixed_fused", "fixed fused"),
+        ("reset", "reset torch"),
+        ("reset_fused", "reset fused"),
+        ("reset_only", "reset-only torch"),
+        ("reset_only_fused", "reset-only fused"),
+        ("reset_compiled", "reset compiled"),
+    ]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     print(
-        f"{'batch':>5} {'mode':>6} {'plain us':>9} {'fixed us':>9} {'reset us':>9} {'reset-only us':>13} "
-        f"{'reset(compiled) us':>18} {'reference us':>12} "
-        f"{'reset-plain':>11} {'reset/plain':>11} {'reference/reset':>15}"
+        f"{'batch':>5} {'mode':>6} "
+        + " ".join(f"{h:>{max(9, len(h))}}" for _, h in cols)
+        + f" {'reference':>10} {'reset-plain torch':>17} {'reset-plain fused':>17} {'torch/fused added':>17}"
     )
     summary = []
     for b in args.batch:
         for graph in [False, True] if cuda else [False]:
-            p, f, r, o = (t[(b, k, graph)] for k in ("plain", "fixed", "reset", "reset_only"))
+            v = {k: t.get((b, k, graph)) for k, _ in cols}
+            p, r, rf, c = v["plain"], v["reset"], v["reset_fused"], v["reset_compiled"]
             ref = t[(b, "reference", False)]
-            c = t.get((b, "reset_compiled", graph))
             row = dict(
                 batch=b,
                 graph=graph,
                 plain_us=p,
-                fixed_us=f,
+                fixed_us=v["fixed"],
+                fixed_fused_us=v["fixed_fused"],
                 reset_us=r,
-                reset_only_us=o,
+                reset_fused_us=rf,
+                reset_only_us=v["reset_only"],
+                reset_only_fused_us=v["reset_only_fused"],
                 reset_compiled_us=c,
                 reset_compiled_overhead_us=None if c is None else c - p,
                 reference_us=ref,
                 reset_overhead_us=r - p,
+                reset_fused_overhead_us=None if rf is None else rf - p,
                 reset_over_plain=r / p,
+                reset_fused_over_plain=None if rf is None else rf / p,
                 reference_over_reset=ref / r,
+                reference_over_reset_fused=None if rf is None else ref / rf,
             )
             summary.append(row)
+            ratio = None if rf is None or rf - p <= 0 else (r - p) / (rf - p)
             print(
-                f"{b:5d} {'graph' if graph else 'eager':>6} {p:9.1f} {f:9.1f} {r:9.1f} {o:13.1f} "
-                f"{'-' if c is None else format(c, '.1f'):>18} {ref:12.1f} "
-                f"{r - p:11.1f} {r / p:11.2f} {ref / r:15.2f}"
+                f"{b:5d} {'graph' if graph else 'eager':>6} "
+                + " ".join(f"{fmt(v[k]):>{max(9, len(h))}}" for k, h in cols)
+                + f" {ref:10.1f} {r - p:17.1f} {fmt(row['reset_fused_overhead_us']):>17} "
+                f"{'-' if ratio is None else format(ratio, '.1f') + 'x':>17}"
             )
     if args.out:
         out = Path(args.out)

@@ -78,6 +78,38 @@ def test_unfusable_fp4_group_runs_per_module():
     assert [g.token_ids for g in engine.generate(prompts, max_new_tokens=8)] == ref
 
 
+def test_w4a4_input_quantization_folds_into_norms(monkeypatch):
+    """``Ops.fold_act`` (on with torch.compile on the GPU): the norm and silu*mul before a W4A4 projection
+    quantize its input in their own kernel; bit-identical to quantizing in the projection, never twice."""
+    import fp4reason.engine.model as m
+
+    model = _quantized("qwen3", "nvfp4-w4a4")
+    prompts = _prompts((6, 3), seed=5)
+    calls: dict[str, int] = {}
+
+    def counting(name, fn):
+        def wrapped(*args):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(m, "qdq_nvfp4", counting("qdq", m.qdq_nvfp4))
+    runs = []
+    for fold in (False, True):
+        engine = Engine(model, None, max_batch_size=2, max_seq_len=32)
+        engine.decoder.ops = ops = m.Ops(fold_act=fold)
+        ops.norm_act, ops.silu_mul_act = counting("norm", ops.norm_act), counting("silu", ops.silu_mul_act)
+        calls.clear()
+        runs.append((engine.generate(prompts, max_new_tokens=6, return_entropies=True), dict(calls)))
+    (plain, n_plain), (folded, n_folded) = runs
+    assert [g.token_ids for g in folded] == [g.token_ids for g in plain]
+    assert [g.entropies for g in folded] == [g.entropies for g in plain]  # exactly
+    steps_layers = 5 * len(model.model.layers)  # 5 decode steps after the prefill's token
+    assert n_plain == {"qdq": n_plain["qdq"]} and n_folded["norm"] == 2 * steps_layers
+    assert n_folded["silu"] == steps_layers and n_folded["qdq"] == n_plain["qdq"]  # one quantization each
+
+
 def test_mxfp4_matches_hf():
     model = _quantized("qwen2", "mxfp4-w4a4")
     prompts = _prompts((4, 7))

@@ -175,13 +175,14 @@ def test_split_and_variant_dispatch(monkeypatch):
 
     monkeypatch.setattr(fk, "_sm_count", lambda device: 132)
     monkeypatch.setattr(fk, "_variant", None)
-    assert fk.variant_for(1) == fk.variant_for(16) == 0 and fk._ROWS_PER_CTA[0] == 128
-    # worked by hand (132 SMs -> at most 396 CTAs, 128-row CTAs, >= 4 chunks of 128 k per split)
-    assert fk.split_count(1, 28672, 4096) == 1  # 224 row blocks: 448 would pass 396
-    assert fk.split_count(1, 24576, 4096) == 2  # 192 -> 384
-    assert fk.split_count(16, 6144, 4096) == 8  # 48 -> 384 CTAs, 4 chunks each
+    assert fk.variant_for(1) == fk.variant_for(4) == 0 and fk.variant_for(5) == fk.variant_for(16) == 4
+    assert fk._ROWS_PER_CTA[0] == fk._ROWS_PER_CTA[4] == 128
+    # worked by hand (132 SMs, 128-row CTAs; split only below one CTA per SM, then <= 528 CTAs, >= 4 chunks)
+    assert fk.split_count(1, 28672, 4096) == 1  # 224 row blocks >= 132
+    assert fk.split_count(16, 24576, 4096) == 1  # 192
+    assert fk.split_count(1, 6144, 4096) == 8  # 48 -> 384 CTAs, 4 chunks each
     assert fk.split_count(1, 4096, 4096) == 8  # 32 -> 256 (16 would leave 2 chunks per split)
-    assert fk.split_count(1, 4096, 14336) == 8  # 32 -> 256 (512 would pass 396)
+    assert fk.split_count(1, 4096, 14336) == 16  # 32 -> 512 CTAs of 7 chunks
     assert fk.split_count(1, 72, 256) == 1  # 2 chunks: too few to split
     assert fk.split_count(1, 200000, 128) == 1
 
@@ -248,6 +249,25 @@ def test_kernel_fp16_bias_and_splits(m):
 
     for work, counters in _workspaces.values():  # left clean for the next call
         assert not work.any() and not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5])
+def test_kernel_every_variant(monkeypatch, variant):
+    """Each compiled variant (row tiles, stages, activations via registers or a shared ring), both dtypes,
+    with and without split-K, every M, an N that is not a multiple of the CTA rows."""
+    from fp4reason.kernels import cuda as fk
+
+    monkeypatch.setattr(fk, "_variant", variant)
+    n, k = 1000, 2048
+    w = prepare_nvfp4(_gpu_weight(n, k, seed=variant))
+    for dtype in (torch.bfloat16, torch.float16):
+        for m in range(1, 17):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = _ref64(x, w)
+            for splits in (1, 5):
+                y = _poisoned_call(lambda: fk.nvfp4_linear_cuda(x, w, splits=splits), m, n, dtype)  # noqa: B023
+                assert _rel(y, ref) < 1e-2, (variant, dtype, m, splits)
 
 
 @pytest.mark.gpu

@@ -330,11 +330,12 @@ def test_presets():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_matches_eager_without_host_sync():
+@pytest.mark.parametrize("fused", [False, None], ids=["torch", "default"])  # default on CUDA: Triton
+def test_cuda_graph_replay_matches_eager_without_host_sync(fused):
     dev = torch.device("cuda")
     B, cfg = 4, SamplerConfig(t_low=0.2, tau0=1.5, window=4)
-    eager = BatchedSampler(cfg, B, dev, NL, DNL, validate=False)
-    graphed = BatchedSampler(cfg, B, dev, NL, DNL, validate=False)
+    eager = BatchedSampler(cfg, B, dev, NL, DNL, validate=False, fused=fused)
+    graphed = BatchedSampler(cfg, B, dev, NL, DNL, validate=False, fused=fused)
     static = torch.zeros(B, V, device=dev)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -61,7 +61,11 @@ class _Batch:
 
 
 class Engine:
-    """Batched FP4/BF16 decoding of a Hugging Face causal LM (Qwen2/2.5, Qwen3, Llama)."""
+    """Batched FP4/BF16 decoding of a Hugging Face causal LM (Qwen2/2.5, Qwen3, Llama).
+
+    ``attn`` picks the decode attention: "sdpa", "math", or "triton" (q/k norm, RoPE, cache write and
+    attention in one fused kernel; CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+    """
 
     def __init__(
         self,

@@ -12,6 +12,11 @@ KV4 (scheme nvfp4-w4a4kv4): post-RoPE keys and values are quantize-dequantized w
 are written, with one dynamic tensor scale per row and write (pad slots zeroed first), so a row's result
 does not depend on its batch; this equals ``fp4reason.quant.KV4Cache`` at batch 1 (which shares one scale
 across a batch).
+
+Decode attention (``attn``): "sdpa" or "math" (torch: head norms + RoPE, two cache writes, attention), or
+"triton": one fused kernel from the qkv projection's output to the attention output
+(``fp4reason.engine.attention``; with KV4 the torch write path stays and the kernel only attends).
+Prefill always uses SDPA.
 """
 
 import warnings
@@ -80,6 +85,19 @@ def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _norm_act(x, delta, weight, eps: float, input_global_scale):
+    """(Residual add +) RMSNorm, then the next projection's W4A4 input quantization: one compiled kernel."""
+    if delta is None:
+        h = _rms_norm(x, weight, eps)
+    else:
+        x, h = _add_rms_norm(x, delta, weight, eps)
+    return x, qdq_nvfp4(h, input_global_scale)
+
+
+def _silu_mul_act(gate_up: torch.Tensor, input_global_scale) -> torch.Tensor:
+    return qdq_nvfp4(_silu_mul(gate_up), input_global_scale)
+
+
 def _kv4(x: torch.Tensor) -> torch.Tensor:
     """KV4 quantize-dequantize of a cache write [B, Hkv, T, D], one dynamic tensor scale per row."""
     return torch.vmap(qdq_kv4)(x)
@@ -121,15 +139,18 @@ class Ops:
 
     Only tensor arguments cross these functions, so one compiled graph serves every layer; the
     projections and attention stay outside and run as their own kernels (captured by the CUDA graph).
+    ``fold_act`` (default: with ``compiled``): NVFP4 W4A4 projections get their input already quantized
+    by the norm or silu*mul before them (``norm_act``, ``silu_mul_act``) instead of by a kernel of its own.
     """
 
-    def __init__(self, compiled: bool = False) -> None:
+    def __init__(self, compiled: bool = False, fold_act: bool | None = None) -> None:
         wrap = _compiled if compiled else (lambda f: f)
         self.compiled = compiled
+        self.fold_act = compiled if fold_act is None else fold_act
         self.rms_norm, self.add_rms_norm, self.qkv_heads, self.silu_mul, self.kv4, self.attn_math = map(
             wrap, (_rms_norm, _add_rms_norm, _qkv_heads, _silu_mul, _kv4, _attn_math)
         )
-        self.act_nvfp4 = wrap(_act_nvfp4)
+        self.act_nvfp4, self.norm_act, self.silu_mul_act = map(wrap, (_act_nvfp4, _norm_act, _silu_mul_act))
 
 
 def _fp4_weight(m: nn.Module):
@@ -216,7 +237,12 @@ class Projection:
         self.input_global_scale = getattr(modules[0], "input_global_scale", None)
         self.dense_cache = None  # CPU only: the exactly dequantized weight, made once
 
-    def __call__(self, x: torch.Tensor, ops: "Ops | None" = None) -> torch.Tensor:
+    def folds_act(self, ops: "Ops") -> bool:
+        """Whether the caller quantizes this projection's input (``ops.fold_act``, NVFP4 W4A4 only)."""
+        return ops.fold_act and self.kind == "fp4" and self.fmt == "nvfp4" and self.act_quant
+
+    def __call__(self, x: torch.Tensor, ops: "Ops | None" = None, quantized: bool = False) -> torch.Tensor:
+        """``quantized``: ``x`` already went through this projection's input quantization."""
         if self.kind == "dense":
             return F.linear(x, self.weight, self.bias)
         if self.kind == "fp4":
@@ -226,11 +252,11 @@ class Projection:
             if x2.device.type == "cpu":  # the reference math with the dequantization done once, not per call
                 if self.dense_cache is None or self.dense_cache.dtype != x2.dtype:
                     self.dense_cache = self.weight.dequantize(x2.dtype)
-                if self.act_quant:
+                if self.act_quant and not quantized:
                     x2 = qdq_nvfp4(x2, self.input_global_scale) if self.fmt == "nvfp4" else qdq_mxfp4(x2)
                 y = F.linear(x2, self.dense_cache, self.bias)
             elif self.fmt == "nvfp4":
-                act_quant = self.act_quant
+                act_quant = self.act_quant and not quantized
                 if act_quant and ops is not None and ops.compiled:  # one fused kernel instead of ~20
                     x2, act_quant = ops.act_nvfp4(x2, self.input_global_scale), False
                 y = kernels.nvfp4_linear(
@@ -308,16 +334,24 @@ class Layer:
         self.act_fn: Callable | None = None if act == "silu" else mlp.act_fn
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the decoder's cos/sin tables [S, D]
+        self.k_shift = getattr(attn, "k_shift", None)  # Q-FIT (fp4reason.quant.kshift): KV4 writes only
+
+    def _norm_proj(self, x, delta, norm: nn.Module, proj: Projection, ops: Ops):
+        """(residual stream, ``proj(norm(x + delta))``); ``delta`` is None for the first layer's input."""
+        w, eps = norm.weight, _eps(norm)
+        if proj.folds_act(ops):
+            x, h = ops.norm_act(x, delta, w, eps, proj.input_global_scale)
+            return x, proj(h, ops, quantized=True)
+        x, h = (x, ops.rms_norm(x, w, eps)) if delta is None else ops.add_rms_norm(x, delta, w, eps)
+        return x, proj(h, ops)
 
     def _norm_qkv(self, x, delta, cos, sin, ops: Ops):
         """(residual stream, q, k, v) after adding ``delta`` (the previous layer's MLP output, or None)."""
-        if delta is None:
-            h = ops.rms_norm(x, self.in_norm.weight, _eps(self.in_norm))
-        else:
-            x, h = ops.add_rms_norm(x, delta, self.in_norm.weight, _eps(self.in_norm))
+        x, qkv = self._norm_proj(x, delta, self.in_norm, self.qkv, ops)
         qn, kn = self.q_norm, self.k_norm
         q, k, v = ops.qkv_heads(
-            self.qkv(h, ops),
+            qkv,
             qn.weight if qn is not None else None,
             kn.weight if kn is not None else None,
             cos,
@@ -330,8 +364,9 @@ class Layer:
 
     def _mlp(self, x: torch.Tensor, attn_out: torch.Tensor, ops: Ops):
         """(residual stream, MLP output): the MLP output is added by the next norm (fused)."""
-        x, h = ops.add_rms_norm(x, attn_out, self.post_norm.weight, _eps(self.post_norm))
-        gu = self.gate_up(h, ops)
+        x, gu = self._norm_proj(x, attn_out, self.post_norm, self.gate_up, ops)
+        if self.act_fn is None and self.down.folds_act(ops):
+            return x, self.down(ops.silu_mul_act(gu, self.down.input_global_scale), ops, quantized=True)
         if self.act_fn is None:
             a = ops.silu_mul(gu)
         else:
@@ -343,6 +378,8 @@ class Layer:
         """x [B, T, H] at cache slots 0..T-1; ``valid`` [B, 1, T, 1] marks real (non-pad) tokens."""
         b, t, _ = x.shape
         x, q, k, v = self._norm_qkv(x, delta, cos, sin, ops)
+        if kv4 and self.k_shift is not None:  # softmax ignores q . k_shift; only the KV4 error changes
+            k = k - self.k_shift.to(k.dtype)
         k, v = k * valid, v * valid  # pad slots hold zeros: they never enter a KV4 scale or an attention row
         if kv4:
             k, v = ops.kv4(k), ops.kv4(v)
@@ -351,15 +388,24 @@ class Layer:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=True)
         return self._mlp(x, self.o(y.transpose(1, 2).reshape(b, t, -1), ops), ops)
 
-    def decode(self, x, delta, cos, sin, slot, mask, kv_len: int, kv4: bool, ops: Ops, attn: str):
+    def decode(self, x, delta, cos, sin, slot, start, mask, kv_len: int, kv4: bool, ops: Ops, attn: str):
         """x [B, 1, H] written at cache slot ``slot`` (a device tensor [1]); attends to slots < kv_len."""
         b = x.shape[0]
+        if attn == "triton" and not kv4:  # q/k norms, RoPE, cache write and attention: one kernel (+ reduce)
+            x, qkv = self._norm_proj(x, delta, self.in_norm, self.qkv, ops)
+            y = self._triton_attn(qkv, slot, start, kv_len, fused=True)
+            return self._mlp(x, self.o(y.reshape(b, 1, -1), ops), ops)
         x, q, k, v = self._norm_qkv(x, delta, cos, sin, ops)
+        if kv4 and self.k_shift is not None:
+            k = k - self.k_shift.to(k.dtype)
         if kv4:
             k, v = ops.kv4(k), ops.kv4(v)
         kc, vc = self.k_cache[:b], self.v_cache[:b]
         kc.index_copy_(2, slot, k)
         vc.index_copy_(2, slot, v)
+        if attn == "triton":  # KV4 keeps the torch write path above; the kernel only attends
+            y = self._triton_attn(q, slot, start, kv_len, fused=False)
+            return self._mlp(x, self.o(y.reshape(b, 1, -1), ops), ops)
         # GQA without repeating K/V: the query heads of one KV head become that head's "query positions"
         q = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
@@ -368,6 +414,28 @@ class Layer:
         else:
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling)
         return self._mlp(x, self.o(y.reshape(b, 1, -1), ops), ops)
+
+    def _triton_attn(self, q, slot, start, kv_len: int, fused: bool) -> torch.Tensor:
+        from fp4reason.engine.attention import decode_attention
+
+        qn, kn = self.q_norm, self.k_norm
+        return decode_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            slot,
+            start,
+            n_heads=self.n_heads,
+            n_kv=self.n_kv,
+            scale=self.scaling,
+            kv_len=kv_len,
+            fused=fused,
+            cos=self.rope[0],
+            sin=self.rope[1],
+            q_norm=qn.weight if qn is not None else None,
+            k_norm=kn.weight if kn is not None else None,
+            eps=_eps(qn) if qn is not None else 0.0,
+        )
 
 
 def _eps(norm: nn.Module) -> float:
@@ -408,8 +476,14 @@ class FastDecoder:
             )
         if getattr(cfg, "use_sliding_window", False):
             raise NotImplementedError("sliding-window attention is not supported by the engine")
-        if attn not in ("sdpa", "math"):
-            raise ValueError(f"attn must be 'sdpa' or 'math', got {attn!r}")
+        if attn not in ("sdpa", "math", "triton"):
+            raise ValueError(f"attn must be 'sdpa', 'math' or 'triton', got {attn!r}")
+        if attn == "triton":
+            from fp4reason.engine.attention import available
+
+            why = available(hf_model.model.embed_tokens.weight.device)
+            if why is not None:
+                raise RuntimeError(why)
         self.config, self.kv4, self.attn = cfg, kv4, attn
         self.embed = hf_model.model.embed_tokens
         self.norm = hf_model.model.norm
@@ -424,6 +498,7 @@ class FastDecoder:
         for layer in self.layers:
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.rope = (self.cos, self.sin)
         self.ops = Ops()  # decode ops (compiled on GPU); prefill always runs eager ops
         self.eager_ops = Ops()
 
@@ -457,13 +532,18 @@ class FastDecoder:
 
         Only device tensors and the static ``kv_len`` enter, so this can be captured in a CUDA graph.
         """
-        pos = slot - start  # [B]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
-        s = torch.arange(kv_len, device=self.device)
-        mask = _additive(((s[None] >= start[:, None]) & (s[None] <= slot))[:, None, None], self.dtype)
+        cos = sin = mask = None  # the fused Triton kernel gathers RoPE itself and masks by start/slot
+        if self.attn != "triton" or self.kv4:
+            pos = slot - start  # [B]
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, D]
+        if self.attn != "triton":
+            s = torch.arange(kv_len, device=self.device)
+            mask = _additive(((s[None] >= start[:, None]) & (s[None] <= slot))[:, None, None], self.dtype)
         x, delta = self.embed(tokens[:, None]), None
         for layer in self.layers:
-            x, delta = layer.decode(x, delta, cos, sin, slot, mask, kv_len, self.kv4, self.ops, self.attn)
+            x, delta = layer.decode(
+                x, delta, cos, sin, slot, start, mask, kv_len, self.kv4, self.ops, self.attn
+            )
         return self._logits(x[:, 0], delta[:, 0], self.ops)
 
     def weight_bytes(self) -> int:

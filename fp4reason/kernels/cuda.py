@@ -38,10 +38,11 @@ _SRC = Path(__file__).with_name("csrc") / "nvfp4_gemv.cu"
 CHUNK = 128
 MAX_M = 16
 _WS_ROWS = 1 << 17  # split-K is used for N up to this many rows
-# kernel variant (csrc launch_variant): 0/1 = 2 row tiles per warp (128 rows per CTA), 2/3 = 1 (64 rows).
+# kernel variant (csrc launch_variant): 0/1/4 = 2 row tiles per warp (128 rows per CTA), 2/3/5 = 1 (64 rows);
+# 4/5 stage the activations through a CTA-wide shared-memory ring instead of per-warp registers.
 # None = variant 0 at every M (H100 sweep of v5, benchmarks/NOTES.md).
 _variant: int | None = int(os.environ["FP4REASON_VARIANT"]) if "FP4REASON_VARIANT" in os.environ else None
-_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64}
+_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64}
 # programmatic dependent launch: None = on (v5 sweep: equal or faster on every 8B linear but Qwen3 gate_up at
 # M=16; v4, with more instructions per weight, had lost on the large ones)
 _pdl: int | None = int(os.environ["FP4REASON_PDL"]) if "FP4REASON_PDL" in os.environ else None
@@ -121,18 +122,21 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
 
 
 def variant_for(m: int) -> int:
-    """Kernel variant: 0 (two 16-row tiles per warp, 128-row CTAs, 4 stages) at every M since v5."""
-    return _variant if _variant is not None else 0
+    """Kernel variant by M (H100 sweep, benchmarks/NOTES.md v5/v6): activations in registers (0) up to
+    M = 4, through the CTA's shared-memory ring (4) above, where registers and L1 traffic limited v5."""
+    return _variant if _variant is not None else (0 if m <= 4 else 4)
 
 
 def split_count(m: int, n: int, k: int, device: int = 0) -> int:
-    """K-splits for an [m, k] x [n, k] call: the largest power of two that keeps the grid at or under 3 CTAs
-    per SM and every split at >= 4 chunks of 128 k (H100 sweep, benchmarks/NOTES.md v5: 128-row CTAs at
-    ~2-3 per SM beat both fuller grids and the split-K reduction of smaller pieces)."""
+    """K-splits for an [m, k] x [n, k] call: none when the row blocks alone give every SM a CTA; else the
+    largest power of two that keeps the grid at or under 4 CTAs per SM and every split at >= 4 chunks
+    of 128 k (H100 sweep, benchmarks/NOTES.md v6)."""
     row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m)])
-    limit, chunks = 3 * _sm_count(device), k // CHUNK
+    sms, chunks = _sm_count(device), k // CHUNK
+    if row_blocks >= sms:
+        return 1
     s = 1
-    while row_blocks * s * 2 <= limit and s * 2 <= chunks // 4:
+    while row_blocks * s * 2 <= 4 * sms and s * 2 <= chunks // 4:
         s *= 2
     return s
 

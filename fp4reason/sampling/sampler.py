@@ -1,7 +1,9 @@
 """BatchedSampler: ReSET (or a baseline) for a whole batch, graph-capturable, plus the stateless pieces
 (temperature with greedy rows, min-p, top-p) that the HF and vLLM adapters reuse."""
 
+import importlib.util
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -55,6 +57,11 @@ class BatchedSampler:
     State (ReSET modes) lives in device tensors updated in place; ``__call__`` has no host sync (with
     ``validate=False``, or while capturing a CUDA graph) and samples with the exponential race
     argmax(p / Exp(1)), so it can be captured. Each call records the sampled tokens for step detection.
+
+    On CUDA the entropy, state update, temperature choice and token record run as three Triton kernels
+    (``fused``, see fused.py; same tokens, temperatures and state as the torch path, which stays the CPU path
+    and the reference). ``fused=False`` or FP4REASON_SAMPLER=torch forces the torch path; ``compile=True``
+    torch.compiles it instead.
     """
 
     def __init__(
@@ -67,6 +74,7 @@ class BatchedSampler:
         *,
         validate: bool = True,
         compile: bool = False,
+        fused: bool | None = None,
     ):
         if not isinstance(config, SamplerConfig):
             raise TypeError(f"config must be a SamplerConfig, got {type(config).__name__}")
@@ -75,6 +83,13 @@ class BatchedSampler:
         self.state = StepEntropyState(batch_size, config.window, self.device, newline_ids, double_newline_ids)
         t = 0.0 if config.mode == "greedy" else config.temperature
         self._fixed_T = torch.full((batch_size,), t, dtype=torch.float32, device=self.device)
+        self._fixed_T_div = self._fixed_T.clamp(min=GREEDY_T)
+        self.fused = _use_fused(fused, self.device, compile)
+        if self.fused:
+            from . import fused as fz
+
+            self._fz = fz
+            self._params = fz.sampler_params(config, config.window, self.device)
         self._core = self._entropy_temperature
         if compile:  # fuse entropy + ReSET state update (~50 tiny kernels eager) into a few kernels
             self._core = torch.compile(self._core, fullgraph=True, dynamic=False)
@@ -122,6 +137,8 @@ class BatchedSampler:
         if active is not None and active.shape != (self.batch_size,):
             raise ValueError(f"active must have shape [{self.batch_size}], got {tuple(active.shape)}")
         x = logits.float()
+        if self.fused:
+            return self._fused_call(x, generator, active)
         H, T = self._core(x, active)
         greedy_tok = x.argmax(-1)
         if self.config.mode == "greedy":
@@ -134,3 +151,53 @@ class BatchedSampler:
             tokens = torch.where(T <= GREEDY_T, greedy_tok, probs.div_(q).argmax(-1))
         self.state.record(tokens, active=active)
         return SamplerOutput(tokens, H, T)
+
+    def _fused_call(self, x: torch.Tensor, generator, active) -> SamplerOutput:
+        """Same result as the torch path; entropy + state + temperature and token choice + record are three
+        Triton launches (fused.py). Sampling itself (top-p, race) is the shared torch code."""
+        cfg, fz = self.config, self._fz
+        if active is not None and active.device != x.device:
+            raise ValueError(f"active is on {active.device}, logits on {x.device}")
+        state = self.state if cfg.stateful else None
+        H, greedy_tok, T, T_div = fz.entropy_temperature(x, state, cfg.mode, self._params, active)
+        if not cfg.stateful:
+            T, T_div = self._fixed_T, self._fixed_T_div
+        race = None
+        if cfg.mode != "greedy":
+            scaled = top_p_mask(min_p_mask(x / T_div[:, None], cfg.min_p), cfg.top_p)
+            probs = scaled.softmax(-1)
+            q = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-30)
+            race = probs.div_(q).argmax(-1)
+        return SamplerOutput(fz.finish(race, greedy_tok, T, self.state, active), H, T)
+
+
+def _use_fused(fused: bool | None, device: torch.device, compile: bool) -> bool:
+    """The Triton path: by default on CUDA when triton imports and the kernels are compiled, not interpreted
+    (FP4REASON_SAMPLER=torch forces the torch path); ``fused=True`` or FP4REASON_SAMPLER=fused insists (CPU
+    tensors need the kernels defined under TRITON_INTERPRET=1)."""
+    if fused is False:
+        return False
+    auto = fused is None
+    if auto:
+        choice = os.environ.get("FP4REASON_SAMPLER", "auto")
+        if choice not in ("auto", "torch", "fused"):
+            raise ValueError(f"FP4REASON_SAMPLER must be auto, torch or fused, got {choice!r}")
+        if compile or choice == "torch":
+            return False
+        auto = choice == "auto"
+        if auto and (device.type != "cuda" or importlib.util.find_spec("triton") is None):
+            return False
+    if compile:
+        raise ValueError("fused=True and compile=True are alternatives; pick one")
+    try:
+        from . import fused as fz
+    except ImportError as e:
+        raise RuntimeError(f"the fused sampler needs triton: {e}") from e
+    if auto and fz.interpreted():  # TRITON_INTERPRET set for other code; cannot be graph-captured
+        return False
+    if device.type != "cuda" and not fz.interpreted():
+        raise ValueError(
+            f"the fused sampler runs on CUDA, or on the CPU when fp4reason.sampling.fused was first imported "
+            f"with TRITON_INTERPRET=1; got device {device}"
+        )
+    return True

@@ -108,7 +108,9 @@ class StepEntropyState:
         H64 = H.double()
         first = glob_n == 0
         glob_mean = glob_sum / glob_n.clamp(min=1)
-        win_mean = torch.where(glob_n <= W, glob_mean, win_sum / W)
+        # times 1/W, not / W: CUDA's tensor / scalar is a multiply by the reciprocal and the CPU's a true
+        # division; one spelling keeps both devices (and the fused Triton kernel) bit-identical
+        win_mean = torch.where(glob_n <= W, glob_mean, win_sum * (1.0 / W))
         step_mean = torch.where(step_n < W, win_mean, step_sum / step_n.clamp(min=1))
         est = Estimates(torch.where(first, H64, step_mean), torch.where(first, H64, win_mean), glob_mean)
         est = est._replace(mean=torch.where(first, est.step, glob_mean))

@@ -49,12 +49,6 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
 template <bool BF16>
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                     uint32_t b0, uint32_t b1) {
@@ -124,7 +118,12 @@ __device__ __forceinline__ void store_out(void* p, size_t i, float v) {
   else reinterpret_cast<__half*>(p)[i] = __float2half_rn(v);
 }
 
-template <bool BF16, int NT, int STAGES, int RT>
+// Activation chunk in shared memory (XS variants): token row of 256 B = 16 units of 16 B, unit u = t*4 + w
+// (quad lane t, word w); the low two bits are XORed with (row parity, t / 2) so the 8 lanes of a
+// quarter-warp (two rows x four t) read eight different bank groups.
+__device__ __forceinline__ int xs_unit(int row, int u) { return u ^ (((row & 1) << 1) | (u >> 3)); }
+
+template <bool BF16, int NT, int STAGES, int RT, bool XS>
 __global__ void __launch_bounds__(WARPS * 32)
     nvfp4_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ tiled,
                       const float* __restrict__ gscale,
@@ -198,6 +197,37 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
       for (int w = 0; w < 4; ++w) xv[n][w] = __ldg(reinterpret_cast<const uint4*>(xp[n] + c * CHUNK + w * 8));
   };
+  // XS: one CTA-wide ring of activation chunks next to the per-warp weight rings
+  constexpr int XSTAGE = NT * 8 * CHUNK * 2;
+  uint8_t* xring = dyn_smem + WARPS * STAGES * STAGE;
+  // each thread copies NT units of 16 B per chunk (row = i / 16, unit = i % 16, i = thread + j * 128)
+  // (rows >= M are not copied: their mma columns are never stored, and every CTA reading row M-1 for
+  // them made one hot L2 line at M = 1, v5 sweep)
+  const uint16_t* xsrc[NT];
+  int xdst[NT], xoff[4];
+  bool xon[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    int i = threadIdx.x + j * WARPS * 32, row = i >> 4, u = i & 15;
+    xon[j] = row < M;
+    xsrc[j] = x + (size_t)min(row, M - 1) * K + u * 8;
+    xdst[j] = row * 256 + xs_unit(row, u) * 16;
+  }
+#pragma unroll
+  for (int w = 0; w < 4; ++w) xoff[w] = g * 256 + xs_unit(g, t * 4 + w) * 16;
+  auto issue_x = [&](int c, int stage) {
+    uint8_t* st = xring + stage * XSTAGE;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+      if (xon[j]) cp16(st + xdst[j], xsrc[j] + c * CHUNK);
+  };
+  auto read_x = [&](uint4 (&xv)[NT][4], int stage) {
+    const uint8_t* st = xring + stage * XSTAGE;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) xv[n][w] = *reinterpret_cast<const uint4*>(st + n * 8 * 256 + xoff[w]);
+  };
 #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) {
     if (c_begin + i < c_end) issue(c_begin + i, i);
@@ -208,17 +238,8 @@ __global__ void __launch_bounds__(WARPS * 32)
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
   int stage = 0;
-  // one chunk: refill the ring, prefetch the next chunk's activations into xn, multiply with xv
-  auto step = [&](int c, const uint4 (&xv)[NT][4], uint4 (&xn)[NT][4]) {
-    {
-      int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
-      if (cn < c_end) issue(cn, sn);
-      cp_commit();
-    }
-    if (c + 1 < c_end) load_x(xn, c + 1);
-    cp_wait<STAGES - 1>();
-    __syncwarp();
-    const uint8_t* st = ring + stage * STAGE;
+  // the ring stage's weights and scales times activations xv, into acc
+  auto compute = [&](const uint8_t* st, const uint4 (&xv)[NT][4]) {
     uint4 wv[RT][2];
     uint32_t sv[RT][2];
 #pragma unroll
@@ -228,9 +249,7 @@ __global__ void __launch_bounds__(WARPS * 32)
         wv[r][h] = *reinterpret_cast<const uint4*>(st + (r * 16 + h * 8 + g) * 64 + t * 16);
         sv[r][h] = *reinterpret_cast<const uint16_t*>(st + W_BYTES + (r * 16 + h * 8 + g) * 8 + t * 2);
       }
-    __syncwarp();  // the stage is refilled next chunk
-    stage = stage == STAGES - 1 ? 0 : stage + 1;
-
+    if constexpr (!XS) __syncwarp();  // the stage is refilled next chunk
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
 #pragma unroll
@@ -252,14 +271,54 @@ __global__ void __launch_bounds__(WARPS * 32)
       }
     }
   };
-  uint4 xa[NT][4], xb[NT][4];
-  load_x(xa, c_begin);
-  int c = c_begin;
-  for (; c + 1 < c_end; c += 2) {  // two chunks per trip: the activation buffers swap roles, no copies
-    step(c, xa, xb);
-    step(c + 1, xb, xa);
+  if constexpr (XS) {
+    // chunk c: wait for it, one barrier (its data visible to all warps, and every warp done with c-1,
+    // whose slot takes c+STAGES-1), refill, multiply
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i)
+      if (c_begin + i < c_end) issue_x(c_begin + i, i);
+    cp_commit();
+    for (int c = c_begin; c < c_end; ++c) {
+      if (c == c_begin) cp_wait<0>();
+      else cp_wait<STAGES - 2>();
+      __syncthreads();
+      {
+        int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
+        if (cn < c_end) {
+          issue(cn, sn);
+          issue_x(cn, sn);
+        }
+        cp_commit();
+      }
+      uint4 xv[NT][4];
+      read_x(xv, stage);
+      compute(ring + stage * STAGE, xv);
+      stage = stage == STAGES - 1 ? 0 : stage + 1;
+    }
+  } else {
+    // one chunk: refill the ring, prefetch the next chunk's activations into xn, multiply with xv
+    auto step = [&](int c, const uint4 (&xv)[NT][4], uint4 (&xn)[NT][4]) {
+      {
+        int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
+        if (cn < c_end) issue(cn, sn);
+        cp_commit();
+      }
+      if (c + 1 < c_end) load_x(xn, c + 1);
+      cp_wait<STAGES - 1>();
+      __syncwarp();
+      const uint8_t* st = ring + stage * STAGE;
+      stage = stage == STAGES - 1 ? 0 : stage + 1;
+      compute(st, xv);
+    };
+    uint4 xa[NT][4], xb[NT][4];
+    load_x(xa, c_begin);
+    int c = c_begin;
+    for (; c + 1 < c_end; c += 2) {  // two chunks per trip: the activation buffers swap roles, no copies
+      step(c, xa, xb);
+      step(c + 1, xb, xa);
+    }
+    if (c < c_end) step(c, xa, xb);
   }
-  if (c < c_end) step(c, xa, xb);
   cp_wait<0>();
 
   const float f = 128.0f / __ldg(gscale);
@@ -317,11 +376,12 @@ __global__ void __launch_bounds__(WARPS * 32)
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
-template <bool BF16, int NT, int STAGES, int RT>
+template <bool BF16, int NT, int STAGES, int RT, bool XS = false>
 int launch(int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
            const void* bias, void* out, float* work, int* counters, int M, int N, int K) {
-  constexpr int rows = WARPS * RT * 16, smem = WARPS * STAGES * RT * 16 * (64 + 8);
-  auto kern = nvfp4_gemv_kernel<BF16, NT, STAGES, RT>;
+  constexpr int rows = WARPS * RT * 16;
+  constexpr int smem = WARPS * STAGES * RT * 16 * (64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0);
+  auto kern = nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS>;
   if constexpr (smem > 48 * 1024) {
     static bool configured = false;  // once per instantiation (and process: single-GPU use)
     if (!configured) {
@@ -345,7 +405,8 @@ int launch(int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t
   return e != cudaSuccess ? (int)e : (int)cudaGetLastError();
 }
 
-// variant: 0 = 2 row tiles per warp, 4 stages; 1 = 2 tiles, 6 stages; 2 = 1 tile, 4 stages; 3 = 1 tile, 8 stages
+// variant: 0 = 2 row tiles per warp, 4 stages; 1 = 2 tiles, 6 stages; 2 = 1 tile, 4 stages; 3 = 1 tile, 8 stages;
+// 4 / 5 = 2 / 1 tiles, 4 stages, activations through a CTA-wide shared-memory ring (XS)
 template <bool BF16, int NT>
 int launch_variant(int variant, int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
                    const void* bias, void* out, float* work, int* cnt, int M, int N, int K) {
@@ -353,6 +414,8 @@ int launch_variant(int variant, int splits, int pdl, cudaStream_t s, const uint1
     case 1: return launch<BF16, NT, 6, 2>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     case 2: return launch<BF16, NT, 4, 1>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     case 3: return launch<BF16, NT, 8, 1>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 4: return launch<BF16, NT, 4, 2, true>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 5: return launch<BF16, NT, 4, 1, true>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     default: return launch<BF16, NT, 4, 2>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
   }
 }
