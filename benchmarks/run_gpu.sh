@@ -25,9 +25,9 @@ for s in $stages; do
     recheck) step gpu_recheck 150 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              -k "cuda_graphs or torch_compile" tests/test_kernels.py tests/test_engine.py ;;
     sampler) step sampler_overhead 120 python3 benchmarks/sampler_overhead.py --device cuda --out "$OUT/sampler_overhead_gpu.json" ;;
-    qat) step qat_throughput 150 python3 benchmarks/qat_throughput.py --out "$OUT/qat_throughput.json" ;;
+    qat) step qat_throughput 150 python3 benchmarks/qat_throughput.py ${QAT_MODES:+--modes "$QAT_MODES"} --out "$OUT/qat_throughput.json" ;;
     kernel) step kernel_bench 200 python3 benchmarks/kernel_bench.py --m "${KERNEL_M:-1,2,4,8,16}" --out "$OUT/kernel" ;;
-    e2e) step e2e_bench 480 python3 benchmarks/e2e_bench.py --new-tokens "${E2E_NEW:-1024}" --out "$OUT/e2e.json" ;;
+    e2e) step e2e_bench "${E2E_LIMIT:-480}" python3 benchmarks/e2e_bench.py --new-tokens "${E2E_NEW:-1024}" --out "$OUT/e2e.json" ;;
   esac
 done
 echo "=== done ($(date +%T))"
