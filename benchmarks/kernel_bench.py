@@ -113,7 +113,9 @@ def rel_err(y: torch.Tensor, x: torch.Tensor, w: NVFP4Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def bench_shape(n: int, k: int, ms: list[int], sweep: bool, log, only_ours: bool = False) -> dict:
+def bench_shape(
+    n: int, k: int, ms: list[int], sweep: bool, log, only_ours: bool = False, variants=(0, 4, 5)
+) -> dict:
     torch.manual_seed(0)
     w = quantize_nvfp4(torch.randn(n, k, device="cuda") * 0.02)
     wb = w.dequantize(torch.bfloat16)
@@ -145,7 +147,7 @@ def bench_shape(n: int, k: int, ms: list[int], sweep: bool, log, only_ours: bool
         fk._pdl = pdl
         if sweep:  # kernel variants x fixed split counts
             default = fk._variant
-            for v in (0, 4, 5):
+            for v in variants:
                 fk._variant = v
                 for sp in (1, 2, 4, 8, 16):
                     if sp <= k // 128:
@@ -184,6 +186,7 @@ def main() -> int:
     ap.add_argument("--m", default="1,2,4,8,16")
     ap.add_argument("--sweep", action="store_true", help="also time fixed split-K counts")
     ap.add_argument("--only-ours", action="store_true", help="skip the baselines (tuning runs)")
+    ap.add_argument("--variants", default="0,4,5", help="kernel variants in the --sweep")
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     out = Path(args.out)
@@ -204,7 +207,10 @@ def main() -> int:
     bw = copy_bandwidth()
     log(f"device copy bandwidth {bw / 1e12:.3f} TB/s (read+write)")
     shapes = sorted({s for lin in MODELS.values() for s in lin.values()})
-    results = {f"{n}x{k}": bench_shape(n, k, ms, args.sweep, log, args.only_ours) for n, k in shapes}
+    variants = [int(v) for v in args.variants.split(",")]
+    results = {
+        f"{n}x{k}": bench_shape(n, k, ms, args.sweep, log, args.only_ours, variants) for n, k in shapes
+    }
     cols = ["ours", "ours_pdl0", "ours_pdl1", "humming", "cublas_bf16", "torch_int4", "dequant_matmul"]
 
     lines = [f"# NVFP4 small-M kernel bench ({props.name}, copy BW {bw / 1e12:.2f} TB/s)", ""]

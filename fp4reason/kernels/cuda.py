@@ -122,9 +122,10 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
 
 
 def variant_for(m: int) -> int:
-    """Kernel variant by M (H100 sweep, benchmarks/NOTES.md v5/v6): activations in registers (0) up to
-    M = 4, through the CTA's shared-memory ring (4) above, where registers and L1 traffic limited v5."""
-    return _variant if _variant is not None else (0 if m <= 4 else 4)
+    """Kernel variant: 4 (activations through the CTA's shared-memory ring, 128-row CTAs) at every M
+    (H100 sweeps, benchmarks/NOTES.md v6: faster than register activations on 4 of 6 shapes at M <= 4, tied
+    on gate_up, and on all at M >= 8)."""
+    return _variant if _variant is not None else 4
 
 
 def split_count(m: int, n: int, k: int, device: int = 0) -> int:
