@@ -168,7 +168,7 @@ def load_model(
             )
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"'{path}' has no config.json: not a Hugging Face model directory")
-    from fp4reason.quant import is_quantized_checkpoint, load_quantized
+    from fp4reason.quant import K_SHIFT_FILE, is_quantized_checkpoint, load_k_shift, load_quantized
 
     if is_quantized_checkpoint(path):
         model, tokenizer = load_quantized(path, device=device, dtype=dtype)
@@ -176,6 +176,8 @@ def load_model(
             raise FileNotFoundError(f"checkpoint '{path}' has no tokenizer files")
         return model, tokenizer
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if (path / K_SHIFT_FILE).exists():  # a Q-FIT model (``fp4reason qfit``): its KV4 runs use the shifts
+        load_k_shift(model, path / K_SHIFT_FILE)
     return model, AutoTokenizer.from_pretrained(path)
 
 

@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         ("file bytes", f"{info['file_bytes']:,}"),
         ("bf16 bytes", f"{info['bf16_bytes']:,}"),
         ("compression", f"{info['compression_ratio']:.2f}x vs bf16"),
+        ("Q-FIT key shifts", f"{info['k_shift_layers']} layers" if info["k_shift_layers"] else "none"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -1,4 +1,6 @@
-"""``fp4reason qfit``: Q-FIT calibration (paired pre-RoPE q/k scales into weights, post-RoPE key shift)."""
+"""``fp4reason qfit MODEL --out DIR``: Q-FIT calibration (paired pre-RoPE q/k scales folded into the
+weights, post-RoPE key shifts in DIR/k_shift.safetensors). Then ``fp4reason quantize DIR --scheme
+nvfp4-w4a4kv4 --out CKPT`` keeps the shifts, and every KV4 path that loads CKPT subtracts them."""
 
 import argparse
 
@@ -11,7 +13,8 @@ def register(subparsers) -> None:
         "transformed model "
         "(scales folded into q/k weights or Qwen3 q/k norms) and k_shift.safetensors next to it.",
     )
-    p.add_argument("--model", required=True, help="model name or directory")
+    p.add_argument("model", nargs="?", help="model name or directory")
+    p.add_argument("--model", dest="model_opt", metavar="MODEL", help="same as the positional MODEL")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--calib-file", help="calibration text (default: fp4reason's built-in calibration text)")
     p.add_argument("--samples", type=int, default=32, help="calibration sequences")
@@ -43,10 +46,13 @@ def run(args: argparse.Namespace) -> int:
     from fp4reason.train.qfit import K_SHIFT_FILE, qfit, save_k_shift
     from fp4reason.train.trainer import load_for_training
 
+    if (args.model is None) == (args.model_opt is None):
+        raise ValueError("give the model once: `fp4reason qfit MODEL --out DIR` (or --model MODEL)")
+    model_name = args.model or args.model_opt
     if args.calib_file and not Path(args.calib_file).is_file():
         raise FileNotFoundError(f"calibration file not found: {args.calib_file}")
     text = Path(args.calib_file).read_text(encoding="utf-8") if args.calib_file else calibration_text()
-    model, tok = load_for_training(args.model, getattr(torch, args.dtype))
+    model, tok = load_for_training(model_name, getattr(torch, args.dtype))
     model.to(args.device)
     fits = qfit(model, calibration_ids(tok, text, args.samples, args.seq_len).to(args.device), grid=args.grid)
     out = Path(args.out)
@@ -62,5 +68,5 @@ def run(args: argparse.Namespace) -> int:
             f"layer {i:3d}: alpha_s={f.alpha_s:.2f} alpha_m={f.alpha_m:.2f} "
             f"KV4 attention MSE {f.err_before:.3e} -> {f.err_after:.3e}"
         )
-    print(f"wrote {out}")
+    print(f"wrote {out} (weights with folded Q-FIT scales, {K_SHIFT_FILE} with {len(fits)} key shifts)")
     return 0

@@ -1,4 +1,7 @@
-"""``fp4reason quantize MODEL --scheme nvfp4-w4a4 --out DIR``: PTQ and a compressed-tensors checkpoint."""
+"""``fp4reason quantize MODEL --scheme nvfp4-w4a4 --out DIR``: PTQ and a compressed-tensors checkpoint.
+
+A MODEL directory written by ``fp4reason qfit`` (or ``fp4reason train``) has ``k_shift.safetensors``: its
+Q-FIT key shifts are loaded, checked and written into the checkpoint, where the KV4 cache applies them."""
 
 import argparse
 
@@ -27,6 +30,7 @@ def run(args: argparse.Namespace) -> int:
 
     from fp4reason.models import load_model
     from fp4reason.quant import checkpoint_info, quantize_model, save_quantized
+    from fp4reason.quant.kshift import K_SHIFT_FILE, load_k_shift
 
     calib = None
     if args.calib_file:
@@ -35,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"calibration file not found: {path}")
         calib = [path.read_text(encoding="utf-8")]
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    shift_file = Path(args.model) / K_SHIFT_FILE
+    if shift_file.is_file() and not getattr(model.config, "quantization_config", None):
+        load_k_shift(model, shift_file)
     quantize_model(model, args.scheme, calib, tokenizer=tokenizer)
     out = save_quantized(model, args.out, tokenizer)
     info = checkpoint_info(out)
@@ -42,4 +49,7 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out}: {info['scheme']}, {info['quantized_layers']} FP4 layers, "
         f"{info['file_bytes'] / 2**20:.1f} MiB ({info['compression_ratio']:.2f}x smaller than bf16)"
     )
+    if info["k_shift_layers"]:
+        used = "applied to the KV4 cache" if info["kv_quant"] else f"unused: {args.scheme} has no KV4 cache"
+        print(f"kept Q-FIT key shifts for {info['k_shift_layers']} layers ({used})")
     return 0

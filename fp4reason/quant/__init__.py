@@ -7,12 +7,16 @@ from fp4reason.quant.checkpoint import (
     load_quantized,
     save_quantized,
 )
+from fp4reason.quant.kshift import K_SHIFT_FILE, load_k_shift, save_k_shift
 from fp4reason.quant.kv4 import KV4Cache, disable_kv4, enable_kv4, uses_kv4
 from fp4reason.quant.linear import FP4Linear
 from fp4reason.quant.ptq import calibration_text, decoder_linears, quantize_model
 from fp4reason.quant.scheme import SCHEMES, Scheme, get_scheme, quantization_config
 
 __all__ = [
+    "K_SHIFT_FILE",
+    "load_k_shift",
+    "save_k_shift",
     "SCHEMES",
     "CheckpointError",
     "FP4Linear",

@@ -7,6 +7,8 @@ A checkpoint dir holds ``config.json`` (with ``quantization_config``), ``model.s
 E8M0 uint8 [N, K/32]), ``<p>.weight_global_scale`` f32 [1] (nvfp4), ``<p>.input_global_scale`` f32 [1]
 (nvfp4 A4). ModelOpt stores ``<p>.weight`` (same bytes), ``<p>.weight_scale``, ``<p>.weight_scale_2`` and
 ``<p>.input_scale`` (f32 scalars, *multipliers*: the inverses of the compressed-tensors divisors).
+An optional ``k_shift.safetensors`` holds Q-FIT key shifts (``fp4reason.quant.kshift``): written when the
+model has them, attached at load (every layer, validated), subtracted from keys by the KV4 cache.
 Writes go to a temporary directory renamed into place; reads are safetensors only and validated.
 """
 
@@ -22,6 +24,7 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fp4reason.quant.kshift import K_SHIFT_FILE, k_shift_state, load_k_shift, read_k_shift
 from fp4reason.quant.kv4 import enable_kv4, uses_kv4
 from fp4reason.quant.linear import FP4Linear
 from fp4reason.quant.ptq import check_architecture
@@ -63,6 +66,9 @@ def save_quantized(model: nn.Module, out_dir: "str | os.PathLike", tokenizer=Non
         save_file(
             _state_dict_to_save(model), tmp / WEIGHTS_NAME, metadata={"format": "pt", "producer": "fp4reason"}
         )
+        shifts = k_shift_state(model)
+        if shifts:
+            save_file(shifts, tmp / K_SHIFT_FILE, metadata={"format": "pt", "producer": "fp4reason"})
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -288,7 +294,32 @@ def checkpoint_info(path: "str | os.PathLike") -> dict:
         "bf16_bytes": bf16_bytes,
         "compression_ratio": bf16_bytes / file_bytes if file_bytes else float("nan"),
         "files": [f.name for f in files],
+        "k_shift_layers": _k_shift_layers(path, config),
     }
+
+
+def _k_shift_layers(path: Path, config: dict) -> int:
+    """How many layers have a Q-FIT key shift in ``k_shift.safetensors`` (0 without the file); validated."""
+    if not (path / K_SHIFT_FILE).exists():
+        return 0
+    try:
+        shifts = read_k_shift(path / K_SHIFT_FILE)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    text = config.get("text_config") or config
+    n_layers, kvh = text.get("num_hidden_layers"), text.get("num_key_value_heads")
+    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    if sorted(shifts) != list(range(n_layers)):
+        raise CheckpointError(
+            f"{path / K_SHIFT_FILE}: shifts for layers {sorted(shifts)}, expected one for each of {n_layers}"
+        )
+    for i, t in shifts.items():
+        if tuple(t.shape) != (1, kvh, 1, head_dim):
+            raise CheckpointError(
+                f"{path / K_SHIFT_FILE}: layer {i} shift has shape {list(t.shape)}, "
+                f"expected [1, {kvh}, 1, {head_dim}]"
+            )
+    return len(shifts)
 
 
 def _module_tensors(producer: str, scheme: Scheme, sd: dict, prefix: str) -> dict[str, torch.Tensor]:
@@ -368,6 +399,11 @@ def load_quantized(
     )
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
+    if (path / K_SHIFT_FILE).exists():
+        try:
+            load_k_shift(model, path / K_SHIFT_FILE)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     if scheme.kv_quant:
         enable_kv4(model)
     model = model.to(device).eval()

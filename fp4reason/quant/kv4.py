@@ -8,21 +8,38 @@ passed (also for ``use_cache=False``: the cache is then used for that forward an
 DynamicCache that ``generate`` creates is replaced (generate then carries on with the returned one).
 Consequences: a prefill equals an uncached forward exactly; a cached decode step quantizes each new token
 with its own scale, so it differs slightly from re-running the whole sequence (as on a real KV4 cache).
+
+Q-FIT: when a layer has a key shift (``self_attn.k_shift``, see ``fp4reason.quant.kshift``) the cache
+stores ``qdq_kv4(key - shift)``. Attention over the shifted keys equals attention over the originals
+(softmax ignores the per-query constant ``q . shift``); only the quantization error differs.
 """
 
 import inspect
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from fp4reason.formats import qdq_kv4
+from fp4reason.quant.kshift import k_shifts
 
 
 class KV4Cache(DynamicCache):
-    """DynamicCache that stores keys and values quantize-dequantized to 4-bit E1M2 (``qdq_kv4``)."""
+    """DynamicCache that stores keys and values quantize-dequantized to 4-bit E1M2 (``qdq_kv4``).
+
+    ``k_shift``: per layer, None or a Q-FIT key shift [1, kv_heads, 1, head_dim] subtracted from the keys
+    (in their dtype) before quantization. ``enable_kv4`` models fill it from their layers' ``k_shift``.
+    """
+
+    def __init__(self, *args, k_shift: Sequence[torch.Tensor | None] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.k_shift = list(k_shift) if k_shift is not None else None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        shift = self.k_shift[layer_idx] if self.k_shift is not None else None
+        if shift is not None:
+            key_states = key_states - shift.to(key_states.dtype)
         return super().update(qdq_kv4(key_states), qdq_kv4(value_states), layer_idx, *args, **kwargs)
 
 
@@ -31,9 +48,11 @@ def _kv4_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
         raise TypeError("pass past_key_values to a KV4 model as a keyword argument")
     cache = kwargs.get("past_key_values")
     if isinstance(cache, KV4Cache):
+        if cache.k_shift is None:  # a cache made by the caller: the model's Q-FIT shifts still apply
+            cache.k_shift = k_shifts(module)
         return None
     if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-        kwargs["past_key_values"] = KV4Cache(config=module.config)
+        kwargs["past_key_values"] = KV4Cache(config=module.config, k_shift=k_shifts(module))
         return args, kwargs
     if isinstance(cache, Cache):
         raise ValueError(

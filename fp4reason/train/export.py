@@ -11,7 +11,6 @@ folded into the weights and need nothing.
 from pathlib import Path
 
 from fp4reason.train.fakequant import strip_qat
-from fp4reason.train.qfit import K_SHIFT_FILE, k_shift_state, save_k_shift
 
 
 def export_fp4(
@@ -22,7 +21,4 @@ def export_fp4(
 
     strip_qat(model)
     quantize_model(model, scheme, calib_data, tokenizer=tokenizer, progress=progress)
-    out = save_quantized(model, out_dir, tokenizer)
-    if k_shift_state(model):
-        save_k_shift(model, Path(out) / K_SHIFT_FILE)
-    return Path(out)
+    return save_quantized(model, out_dir, tokenizer)  # writes k_shift.safetensors when the model has shifts

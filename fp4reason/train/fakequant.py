@@ -8,26 +8,52 @@
 * Straight-through gradients everywhere (``fp4reason.formats.qdq_*`` under ``straight_through``, the
   composition ``fake_quantize_*`` is, optionally with compiled quantize-dequantize kernels).
 
+Two ways of doing less work with the same numbers (forward values and gradients bit for bit):
+* q/k/v (and gate/up) read one input tensor: it is fake-quantized once and shared (``share_inputs``).
+* ``step_weights``: every weight is fake-quantized once per model forward, in one batched call per weight
+  shape, instead of once per Linear call (and again in each gradient-checkpointing recompute). Holds the
+  quantized weights until the next forward; the whole model must be local (not FSDP-sharded).
+
 The K/V hook is an attention function registered with transformers' ``AttentionInterface`` under
 :data:`ATTN_NAME`; it wraps whatever implementation the model used before (sdpa by default).
 """
+
+import weakref
+from collections import defaultdict
 
 import torch
 from torch import nn
 
 from fp4reason.formats import qdq_kv4, qdq_nvfp4, straight_through
+from fp4reason.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, FP8_MAX, _quantize_blocks
+from fp4reason.quant.kshift import attention_modules, decoder_layers  # noqa: F401  (re-exported)
 
 ATTN_NAME = "fp4reason_qat_kv4"
-_QDQ = {"nvfp4": qdq_nvfp4, "kv4": qdq_kv4}
+
+
+def qdq_nvfp4_stacked(w: torch.Tensor) -> torch.Tensor:
+    """``qdq_nvfp4`` of each ``w[i]`` (its own dynamic tensor scale) of stacked weights [G, N, K] at once."""
+    amax = w.detach().abs().amax(dim=(1, 2)).float()
+    g = (FP8_MAX * E2M1_MAX) / amax.clamp(min=torch.finfo(torch.float32).tiny)  # as nvfp4_global_scale
+    g = torch.nan_to_num(g, nan=1.0, posinf=1.0, neginf=1.0)[:, None, None]
+    q, _, step = _quantize_blocks(w, g, BLOCK_SIZE)
+    return (q * step.unsqueeze(-1)).flatten(-2).to(w.dtype)
+
+
+_QDQ = {"nvfp4": qdq_nvfp4, "kv4": qdq_kv4, "nvfp4_stacked": qdq_nvfp4_stacked}
+_COMPILED: dict = {}
 
 
 def compile_fake_quant(enable: bool = True) -> None:
     """Use ``torch.compile``d quantize-dequantize kernels (one fused kernel each instead of ~20 eager ops);
     same numerics, the straight-through autograd stays eager. For GPU training throughput."""
     if enable:
-        _QDQ.update(nvfp4=torch.compile(qdq_nvfp4, dynamic=True), kv4=torch.compile(qdq_kv4, dynamic=True))
+        if not _COMPILED:  # one wrapper each per process, shared by every later call (and its compiled code)
+            fns = {"nvfp4": qdq_nvfp4, "kv4": qdq_kv4, "nvfp4_stacked": qdq_nvfp4_stacked}
+            _COMPILED.update({k: torch.compile(f, dynamic=True) for k, f in fns.items()})
+        _QDQ.update(_COMPILED)
     else:
-        _QDQ.update(nvfp4=qdq_nvfp4, kv4=qdq_kv4)
+        _QDQ.update(nvfp4=qdq_nvfp4, kv4=qdq_kv4, nvfp4_stacked=qdq_nvfp4_stacked)
 
 
 def fq_nvfp4(x: torch.Tensor) -> torch.Tensor:
@@ -40,14 +66,38 @@ def fq_kv4(x: torch.Tensor) -> torch.Tensor:
     return straight_through(_QDQ["kv4"], x)
 
 
+# the last fake-quantized input {"ref" (weak, to the input), "version", "grad", "xq"}; dropped with the input
+_last_input: dict = {}
+
+
+def _forget(ref: weakref.ref) -> None:
+    if _last_input.get("ref") is ref:
+        _last_input.clear()
+
+
+def _fq_input(x: torch.Tensor) -> torch.Tensor:
+    """``fq_nvfp4(x)``, reused when ``x`` is the unchanged tensor the previous Linear got (q/k/v, gate/up)."""
+    c, grad = _last_input, torch.is_grad_enabled()
+    if c and c["ref"]() is x and c["version"] == x._version and c["grad"] == grad:
+        return c["xq"]
+    xq = fq_nvfp4(x)
+    c.clear()
+    c.update(ref=weakref.ref(x, _forget), version=x._version, grad=grad, xq=xq)
+    return xq
+
+
 class QATLinear(nn.Linear):
     """``nn.Linear`` whose weight and input are NVFP4 fake-quantized (same parameters and state-dict keys)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(fq_nvfp4(x), self._weight_q(), self.bias)
+        xq = _fq_input(x) if self.__dict__.get("_fp4_share_input", True) else fq_nvfp4(x)
+        return nn.functional.linear(xq, self._weight_q(), self.bias)
 
     def _weight_q(self) -> torch.Tensor:
         if torch.is_grad_enabled() or self.training:
+            step = self.__dict__.get("_step_wq")
+            if step is not None and step[1] == self.weight._version and torch.is_grad_enabled():
+                return step[0]
             return fq_nvfp4(self.weight)
         # evaluation: quantize the weight once per weight version, not every forward
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype)
@@ -86,39 +136,51 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layer list of a causal LM (``model.model.layers``)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: cannot find decoder layers at model.model.layers")
-    return layers
+def _quantize_step_weights(model: nn.Module, args) -> None:
+    """Forward pre-hook (``step_weights``): fake-quantize every QATLinear weight now, one call per shape."""
+    linears = [m for m in model.modules() if type(m) is QATLinear]
+    for m in linears:
+        m.__dict__.pop("_step_wq", None)
+    if not torch.is_grad_enabled():
+        return
+    groups = defaultdict(list)
+    for m in linears:
+        groups[(tuple(m.weight.shape), m.weight.dtype, m.weight.device)].append(m)
+    for mods in groups.values():
+        wq = straight_through(_QDQ["nvfp4_stacked"], torch.stack([m.weight for m in mods]))
+        for m, w in zip(mods, wq.unbind(0), strict=True):
+            m.__dict__["_step_wq"] = (w, m.weight._version)
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The ``self_attn`` module of each decoder layer; raises for architectures without q/k/v projections."""
-    mods = []
-    for i, layer in enumerate(decoder_layers(model)):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise ValueError(f"layer {i}: unsupported attention (need self_attn.q_proj/k_proj/v_proj/o_proj)")
-        mods.append(attn)
-    return mods
-
-
-def prepare_qat(model: nn.Module, *, weights: bool = True, kv: bool = True) -> nn.Module:
+def prepare_qat(
+    model: nn.Module,
+    *,
+    weights: bool = True,
+    kv: bool = True,
+    share_inputs: bool = True,
+    step_weights: bool = False,
+) -> nn.Module:
     """Turn a causal LM into its W4A4(KV4) fake-quant training form, in place; returns the model.
 
-    Apply before wrapping the model with FSDP (the swap keeps parameter names, so state dicts still load).
+    ``share_inputs`` / ``step_weights``: the same numbers with fewer quantize calls (module docstring).
+    Apply before wrapping the model with FSDP (the swap keeps parameter names, so state dicts still load);
+    ``step_weights`` needs the whole model on one device (no FSDP).
     """
     register_attention()
     if weights:
         for name, mod in decoder_layers(model).named_modules():
-            if type(mod) is nn.Linear:
+            if type(mod) in (nn.Linear, QATLinear):
                 if mod.in_features % 16:
                     raise ValueError(
                         f"{name}: in_features={mod.in_features} not divisible by the NVFP4 block 16"
                     )
                 mod.__class__ = QATLinear
+                mod._fp4_share_input = share_inputs
+        hook = model.__dict__.pop("_fp4_step_hook", None)
+        if hook is not None:
+            hook.remove()
+        if step_weights:
+            model._fp4_step_hook = model.register_forward_pre_hook(_quantize_step_weights)
     if kv:
         attns = attention_modules(model)
         inner = model.config._attn_implementation
@@ -137,11 +199,14 @@ def prepare_qat(model: nn.Module, *, weights: bool = True, kv: bool = True) -> n
 
 def strip_qat(model: nn.Module) -> nn.Module:
     """Undo :func:`prepare_qat` (plain ``nn.Linear`` and the wrapped attention); k_shift buffers stay."""
+    hook = model.__dict__.pop("_fp4_step_hook", None)
+    if hook is not None:
+        hook.remove()
     for mod in model.modules():
         if type(mod) is QATLinear:
             mod.__class__ = nn.Linear
-            mod.__dict__.pop("_wq", None)
-            mod.__dict__.pop("_wq_key", None)
+            for attr in ("_wq", "_wq_key", "_step_wq", "_fp4_share_input"):
+                mod.__dict__.pop(attr, None)
     if model.config._attn_implementation == ATTN_NAME:
         model.set_attn_implementation(getattr(attention_modules(model)[0], "_fp4_inner_attn", "sdpa"))
     return model

@@ -13,9 +13,9 @@ post-RoPE keys; ``(alpha_s, alpha_m)`` per layer by grid search on calibration t
 causal attention output with KV4 keys and values against the unquantized attention. (The reference uses the
 pre-RoPE mean and an unmasked, unscaled proxy; we follow the paper's post-RoPE mean and the real attention.)
 
-At inference the shift must be subtracted from keys after RoPE, before they enter the KV4 cache; the
-scales need nothing (they are in the weights). ``save_k_shift``/``load_k_shift`` store the buffers in
-``k_shift.safetensors`` under ``model.layers.{i}.self_attn.k_shift``.
+At inference the shift is subtracted from keys after RoPE, before they enter the KV4 cache (``KV4Cache``,
+the engine; a checkpoint carries it as ``k_shift.safetensors``); the scales need nothing (they are in the
+weights). The shift storage helpers live in ``fp4reason.quant.kshift`` and are re-exported here.
 """
 
 from dataclasses import dataclass
@@ -25,9 +25,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from fp4reason.formats import qdq_kv4
-from fp4reason.train.fakequant import attention_modules
-
-K_SHIFT_FILE = "k_shift.safetensors"
+from fp4reason.quant.kshift import (  # noqa: F401  (re-exported: the train API keeps its old names)
+    K_SHIFT_FILE,
+    attention_modules,
+    k_shift_state,
+    load_k_shift,
+    save_k_shift,
+    set_k_shift,
+)
 
 
 @dataclass
@@ -189,15 +194,6 @@ def apply_scale(attn: nn.Module, s: torch.Tensor) -> None:
             proj.bias.copy_((proj.bias.float() * f).to(proj.bias.dtype))
 
 
-def set_k_shift(attn: nn.Module, shift: torch.Tensor) -> None:
-    """Attach (or replace) the post-RoPE key shift buffer [1, kv_heads, 1, head_dim] (not trained)."""
-    kvh = attn.config.num_key_value_heads
-    if tuple(shift.shape) != (1, kvh, 1, attn.head_dim):
-        raise ValueError(f"k_shift must have shape [1, {kvh}, 1, {attn.head_dim}], got {tuple(shift.shape)}")
-    device = next(iter(attn.state_dict().values())).device
-    attn.register_buffer("k_shift", shift.to(device, torch.float32), persistent=False)
-
-
 def qfit(
     model: nn.Module, input_ids: torch.Tensor, *, grid: int = 20, batch_size: int = 4, progress: bool = True
 ) -> list[LayerFit]:
@@ -216,39 +212,3 @@ def qfit(
         set_k_shift(attn, shift)
         fits.append(fit)
     return fits
-
-
-def k_shift_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        f"model.layers.{i}.self_attn.k_shift": a.k_shift.detach().float().cpu().contiguous()
-        for i, a in enumerate(attention_modules(model))
-        if getattr(a, "k_shift", None) is not None
-    }
-
-
-def save_k_shift(model: nn.Module, path) -> None:
-    """Write the k_shift buffers to ``path`` (safetensors, atomically)."""
-    import os
-
-    from safetensors.torch import save_file
-
-    tmp = f"{path}.tmp"
-    save_file(k_shift_state(model), tmp)
-    os.replace(tmp, path)
-
-
-def load_k_shift(model: nn.Module, path) -> int:
-    """Attach the k_shift buffers stored at ``path``; returns how many layers got one."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    attns = attention_modules(model)
-    for key, t in state.items():
-        parts = key.split(".")
-        if len(parts) != 5 or parts[:2] != ["model", "layers"] or parts[3:] != ["self_attn", "k_shift"]:
-            raise ValueError(f"{path}: unexpected key {key!r}")
-        i = int(parts[2])
-        if i >= len(attns):
-            raise ValueError(f"{path}: {key} but the model has {len(attns)} layers")
-        set_k_shift(attns[i], t)
-    return len(state)
