@@ -239,7 +239,6 @@ def test_cli_qfit_quantize_generate(tmp_path, capsys):
     assert "give the model once" in capsys.readouterr().err
 
 
-
 def test_load_model_attaches_shifts_of_a_plain_qfit_dir(tmp_path, monkeypatch):
     """A Q-FIT'ed BF16 directory (what ``fp4reason qfit`` writes) loads with its shifts, so a later in-memory
     KV4 scheme uses them; the same directory without the file loads without shifts."""
@@ -255,5 +254,7 @@ def test_load_model_attaches_shifts_of_a_plain_qfit_dir(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path / name)
     save_k_shift(model, tmp_path / "qfit" / K_SHIFT_FILE)
     loaded, tok = load_model(tmp_path / "qfit", dtype=torch.float32)
-    assert tok == "tokenizer" and all(torch.equal(a, b) for a, b in zip(k_shifts(loaded), shifts, strict=True))
+    assert tok == "tokenizer" and all(
+        torch.equal(a, b) for a, b in zip(k_shifts(loaded), shifts, strict=True)
+    )
     assert k_shifts(load_model(tmp_path / "plain", dtype=torch.float32)[0]) is None
