@@ -276,9 +276,7 @@ def main() -> int:
             )
             save()
         res.setdefault("gpu_ops_per_step_b1", {})[variant] = n_ops = gpu_ops_per_step(engine, 1)
-        log(
-            f"{variant}: {n_ops} GPU kernels/copies per batch-1 step, {len(engine.decoder.layers)} layers"
-        )
+        log(f"{variant}: {n_ops} GPU kernels/copies per batch-1 step, {len(engine.decoder.layers)} layers")
         if variant == "nvfp4-w4a16" and 1 in batches:  # the fastest step: ReSET's largest relative cost
             n = min(args.new_tokens, 256)
             samplers = dict(

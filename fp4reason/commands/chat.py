@@ -41,8 +41,13 @@ def run(args: argparse.Namespace) -> int:
             messages.pop()
             continue
         print("model> ", end="", flush=True)
-        (gen,) = engine.generate([ids], sampler=sampler, max_new_tokens=budget, seed=args.seed,
-                                 stream=lambda s: print(s, end="", flush=True))
+        (gen,) = engine.generate(
+            [ids],
+            sampler=sampler,
+            max_new_tokens=budget,
+            seed=args.seed,
+            stream=lambda s: print(s, end="", flush=True),
+        )
         print()
         messages.append({"role": "assistant", "content": gen.text})
     return 0

@@ -46,8 +46,12 @@ def load_engine(args: argparse.Namespace, max_batch_size: int):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device != "cpu" else "float32")  # bf16 matmuls are slow on CPUs
     return Engine.from_pretrained(
-        args.model, scheme=args.scheme, device=device, dtype=getattr(torch, dtype),
-        max_batch_size=max_batch_size, max_seq_len=args.max_seq_len,
+        args.model,
+        scheme=args.scheme,
+        device=device,
+        dtype=getattr(torch, dtype),
+        max_batch_size=max_batch_size,
+        max_seq_len=args.max_seq_len,
     )
 
 
@@ -67,8 +71,13 @@ def run(args: argparse.Namespace) -> int:
     single = len(args.prompt) == 1
     stream = (lambda s: print(s, end="", flush=True)) if single else None
     gens = engine.generate(
-        args.prompt, sampler=sampler_from_args(args), max_new_tokens=args.max_new_tokens,
-        chat_template=args.chat, return_entropies=args.entropies, stream=stream, seed=args.seed,
+        args.prompt,
+        sampler=sampler_from_args(args),
+        max_new_tokens=args.max_new_tokens,
+        chat_template=args.chat,
+        return_entropies=args.entropies,
+        stream=stream,
+        seed=args.seed,
     )
     for i, g in enumerate(gens):
         if single:
