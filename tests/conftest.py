@@ -46,3 +46,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def tiny_model_dir(path):
+    """A saved 2-layer Llama (hidden 64) with the SmolLM2 tokenizer at ``path``, for CLI tests; skips the
+    test when the default model's tokenizer is not installed."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+        from fp4reason.models import prepare_default_model
+
+        tok = AutoTokenizer.from_pretrained(prepare_default_model("smollm2-135m"))
+    except (ImportError, FileNotFoundError) as e:
+        pytest.skip(f"default tokenizer not available: {e}")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

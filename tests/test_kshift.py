@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tiny_model_dir
 
 import fp4reason.quant.kv4 as kv4_module
 from fp4reason.quant import CheckpointError, checkpoint_info, load_quantized, quantize_model, save_quantized
@@ -173,28 +173,12 @@ def test_bad_k_shift_file_is_a_clear_error(ckpt, tmp_path, case):
 
 def test_cli_qfit_quantize_generate(tmp_path, capsys):
     """`fp4reason qfit DIR --out Q`, `quantize Q --scheme nvfp4-w4a4kv4 --out C`, `info C`, `generate C`."""
-    try:
-        from transformers import AutoTokenizer
-
-        from fp4reason.models import prepare_default_model
-
-        tok = AutoTokenizer.from_pretrained(prepare_default_model("smollm2-135m"))
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"default tokenizer not available: {e}")
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from fp4reason.cli import main
     from fp4reason.models import load_model
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-    )  # fmt: skip
-    src, q, c = tmp_path / "src", tmp_path / "qfit", tmp_path / "ckpt"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
-    tok.save_pretrained(src)
+    src, q, c = tiny_model_dir(tmp_path / "src"), tmp_path / "qfit", tmp_path / "ckpt"
     calib = tmp_path / "calib.txt"
     calib.write_text("The quick brown fox jumps over the lazy dog. 12 + 30 = 42. " * 30)
     qfit_args = [

@@ -6,35 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-        from fp4reason.models import prepare_default_model
-
-        tok = AutoTokenizer.from_pretrained(prepare_default_model("smollm2-135m"))
-    except (ImportError, FileNotFoundError) as e:
-        pytest.skip(f"default tokenizer not available: {e}")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    d = tmp_path_factory.mktemp("tiny")
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def test_qfit_then_qat_sem_cli(model_dir, tmp_path):
