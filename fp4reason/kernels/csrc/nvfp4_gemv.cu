@@ -383,11 +383,13 @@ int launch(int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t
   constexpr int smem = WARPS * STAGES * RT * 16 * (64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0);
   auto kern = nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS>;
   if constexpr (smem > 48 * 1024) {
-    static bool configured = false;  // once per instantiation (and process: single-GPU use)
-    if (!configured) {
+    static bool configured[64] = {};  // once per instantiation and device
+    int dev = 0;
+    cudaGetDevice(&dev);
+    if (dev >= 64 || !configured[dev]) {
       cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) return (int)e;
-      configured = true;
+      if (dev < 64) configured[dev] = true;
     }
   }
   dim3 grid((N + rows - 1) / rows, splits);
