@@ -270,6 +270,32 @@ def test_run_eval_resumes_and_reports(tmp_path):
         run_eval([_renamed("bf16+greedy", "bf16")], problems, backends.__getitem__, out, progress=False)
 
 
+class _Pool(dict):
+    """A get_backend callable with a backend name, like ModelPool."""
+
+    def __init__(self, backend, backends):
+        super().__init__(backends)
+        self.backend = backend
+
+    __call__ = dict.__getitem__
+
+
+def test_run_eval_records_backend_and_refuses_to_mix(tmp_path):
+    problems = load_jsonl(FIXTURE)[:2]
+    cfg = [parse_config("bf16")]
+    out = tmp_path / "r.jsonl"
+    run_eval(cfg, problems, _Pool("hf", {"bf16": FakeBackend(set(), problems)}), out, progress=False)
+    assert {r["backend"] for r in read_records(out)} == {"hf"}
+    s = summarize(read_records(out), n_boot=10)
+    assert s["backends"] == ["hf"] and "; backend hf; max new tokens 1024." in markdown(s)
+    with pytest.raises(ValueError, match="backend hf"):  # an engine run must not resume an hf file
+        run_eval(cfg, problems, _Pool("engine", {"bf16": FakeBackend(set(), problems)}), out, progress=False)
+    more = load_jsonl(FIXTURE)[:3]  # the same backend resumes and adds only the new problem
+    fresh = FakeBackend(set(), more)
+    run_eval(cfg, more, _Pool("hf", {"bf16": fresh}), out, progress=False)
+    assert fresh.calls == 1 and len(read_records(out)) == 3
+
+
 def _renamed(spec, name):
     from dataclasses import replace
 

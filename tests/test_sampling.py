@@ -12,6 +12,7 @@ from fp4reason.sampling import (
     SamplerConfig,
     StepEntropyState,
     min_p_mask,
+    nucleus_topk,
     preset_for,
     token_entropy,
     top_p_mask,
@@ -213,6 +214,37 @@ def test_sampling_distribution_fixed_temperature():
     freq = torch.bincount(out.tokens, minlength=6).double() / B
     assert torch.allclose(freq, q, atol=0.012), (freq, q)
     assert (out.temperature == 0.7).all()
+
+
+def test_nucleus_topk_is_the_full_top_p_distribution():
+    """The CPU shortcut (top-k candidates) gives softmax(top_p_mask(x)) exactly where the nucleus closes
+    inside the candidates, and declines (None) where it does not."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 4000, generator=gen) * 4  # peaked rows: the 0.9-nucleus holds a few dozen tokens
+    for p in (0.5, 0.9, 0.95):
+        probs, ids = nucleus_topk(x, p, k=256)
+        full = top_p_mask(x, p).double().softmax(-1)
+        got = torch.zeros_like(full).scatter_(1, ids, probs.double())
+        assert torch.allclose(got / got.sum(-1, keepdim=True), full, atol=1e-6)
+    assert nucleus_topk(torch.zeros(2, 4000), 0.9, k=256) is None  # flat: the nucleus needs 3,600 tokens
+    assert nucleus_topk(x, 1.0, k=256) is None and nucleus_topk(x[:, :100], 0.9, k=256) is None
+
+
+def test_sampling_distribution_large_vocab_cpu_path():
+    """Through BatchedSampler with a vocabulary larger than the shortcut's candidates: frequencies follow
+    the top-p nucleus of softmax(x / T)."""
+    x = torch.full((3000,), -20.0)
+    x[[7, 1500, 2999, 42]] = torch.tensor([2.0, 1.5, 1.0, 0.0])
+    B = 20000
+    s = BatchedSampler(SamplerConfig(mode="fixed", temperature=0.7, top_p=0.9), B, "cpu", [], [])
+    out = s(x.expand(B, -1).clone(), generator=torch.Generator().manual_seed(0))
+    p = torch.softmax(x.double() / 0.7, -1)
+    order = p.argsort(descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    keep[order] = torch.cumsum(p[order], 0) - p[order] < 0.9
+    q = torch.where(keep, p, 0) / p[keep].sum()
+    freq = torch.bincount(out.tokens, minlength=3000).double() / B
+    assert torch.allclose(freq, q, atol=0.012) and freq[~keep].sum() == 0
 
 
 def test_greedy_rows_and_greedy_mode():

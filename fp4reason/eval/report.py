@@ -78,9 +78,12 @@ def summarize(
                     mats[reference], mats[a], mats[b], n_boot=n_boot, seed=seed
                 )
             comparisons.append(cmp)
+    used = [by[c][p][j] for c in configs for p in pids for j in range(k)]
     return {
         "n_problems": len(pids),
         "k": k,
+        "backends": sorted({r["backend"] for r in used if r.get("backend")}),
+        "max_new_tokens": sorted({r["max_new_tokens"] for r in used if "max_new_tokens" in r}),
         "reference": reference,
         "configs": rows,
         "comparisons": comparisons,
@@ -97,7 +100,13 @@ def markdown(summary: dict, title: str = "") -> str:
     lines = [
         f"## {title}" if title else "",
         "",
-        f"{summary['n_problems']} problems x {k} samples; 95% intervals from a bootstrap over problems.",
+        f"{summary['n_problems']} problems x {k} samples; 95% intervals from a bootstrap over problems"
+        + "".join(
+            f"; {label} {', '.join(map(str, summary.get(key) or []))}"
+            for key, label in (("backends", "backend"), ("max_new_tokens", "max new tokens"))
+            if summary.get(key)
+        )
+        + ".",
         "",
         f"| config | avg@{k} % [95% CI] | pass@{k} % [95% CI] | Δ vs {summary['reference']} (pp) [95% CI] "
         "| McNemar p (sample 0) | mean tokens | truncated % | no answer % |",

@@ -94,15 +94,20 @@ def _append(path: Path, records: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def _check_resume(existing: list[dict], configs: list[EvalConfig], max_new_tokens: int) -> None:
+def _check_resume(
+    existing: list[dict], configs: list[EvalConfig], max_new_tokens: int, backend: str | None
+) -> None:
     want = {c.name: c.sampler_dict() for c in configs}
     for r in existing:
         if r["config"] in want and (
-            r["sampler"] != want[r["config"]] or r["max_new_tokens"] != max_new_tokens
+            r["sampler"] != want[r["config"]]
+            or r["max_new_tokens"] != max_new_tokens
+            or (backend is not None and r.get("backend", backend) != backend)  # older records: no field
         ):
             raise ValueError(
                 f"results file already has config '{r['config']}' with different settings "
-                f"(sampler {r['sampler']}, max_new_tokens {r['max_new_tokens']}); use another --out or name"
+                f"(sampler {r['sampler']}, max_new_tokens {r['max_new_tokens']}, "
+                f"backend {r.get('backend')}); use another --out or name"
             )
 
 
@@ -119,7 +124,9 @@ def run_eval(
     progress: bool = True,
 ) -> list[dict]:
     """Generate, grade and append records for every (config, problem, sample) not yet in ``out_path``;
-    returns all records of the file. ``get_backend(scheme)`` returns the (cached) backend of a scheme."""
+    returns all records of the file. ``get_backend(scheme)`` returns the (cached) backend of a scheme; its
+    ``backend`` attribute (a ModelPool's backend name), if any, is recorded and must match on resume, so one
+    file never mixes generations of different backends."""
     from tqdm import tqdm
 
     if k < 1 or chunk_size < 1 or max_new_tokens < 1:
@@ -133,7 +140,8 @@ def run_eval(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     existing = read_records(out_path)
-    _check_resume(existing, configs, max_new_tokens)
+    backend = getattr(get_backend, "backend", None)  # a ModelPool's backend name, recorded per sample
+    _check_resume(existing, configs, max_new_tokens, backend)
     done = {(r["config"], r["problem_id"], r["sample"]) for r in existing}
     ids = {p.id for p in problems}
     todo_total = len(configs) * k * len(problems)
@@ -166,6 +174,7 @@ def run_eval(
                             sample=j,
                             seed=chunk_seed,
                             max_new_tokens=max_new_tokens,
+                            backend=backend,
                             gold=p.answer,
                             pred=pred,
                             correct=bool(ok),

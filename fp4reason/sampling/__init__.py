@@ -4,7 +4,7 @@ from .calibrate import calibrate_tau
 from .config import MODES, PRESETS, SamplerConfig, preset_for
 from .entropy import check_logits, token_entropy
 from .hf import ReSETLogitsProcessor, hf_generate_kwargs
-from .sampler import BatchedSampler, SamplerOutput, min_p_mask, scale_logits, top_p_mask
+from .sampler import BatchedSampler, SamplerOutput, min_p_mask, nucleus_topk, scale_logits, top_p_mask
 from .state import Estimates, StepEntropyState, select_temperature
 from .tokens import newline_token_ids, token_class_table
 
@@ -27,5 +27,6 @@ __all__ = [
     "select_temperature",
     "token_class_table",
     "token_entropy",
+    "nucleus_topk",
     "top_p_mask",
 ]
