@@ -40,7 +40,7 @@ MAX_M = 16
 _WS_ROWS = 1 << 17  # split-K is used for N up to this many rows
 # kernel variant (csrc launch_variant): 0/1/4 = 2 row tiles per warp (128 rows per CTA), 2/3/5 = 1 (64 rows);
 # 4/5 stage the activations through a CTA-wide shared-memory ring instead of per-warp registers.
-# None = variant 0 at every M (H100 sweep of v5, benchmarks/NOTES.md).
+# None = variant 4 at every M (H100 sweeps of v6, benchmarks/NOTES.md).
 _variant: int | None = int(os.environ["FP4REASON_VARIANT"]) if "FP4REASON_VARIANT" in os.environ else None
 _ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64}
 # programmatic dependent launch: None = on (v5 sweep: equal or faster on every 8B linear but Qwen3 gate_up at

@@ -165,17 +165,22 @@ class BatchedSampler:
         if self.config.mode == "greedy":
             tokens = greedy_tok
         else:
-            scaled = min_p_mask(x / T.clamp(min=GREEDY_T)[:, None], self.config.min_p)
-            nucleus = nucleus_topk(scaled, self.config.top_p) if x.device.type == "cpu" else None
-            probs, ids = (
-                nucleus if nucleus is not None else (top_p_mask(scaled, self.config.top_p).softmax(-1), None)
-            )
-            q = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-30)
-            race = probs.div_(q).argmax(-1)
-            race = race if ids is None else ids.gather(1, race[:, None]).squeeze(1)
+            race = self._race(x, T.clamp(min=GREEDY_T), generator)
             tokens = torch.where(T <= GREEDY_T, greedy_tok, race)
         self.state.record(tokens, active=active)
         return SamplerOutput(tokens, H, T)
+
+    def _race(self, x: torch.Tensor, T_div: torch.Tensor, generator) -> torch.Tensor:
+        """One exponential-race draw per row from the min-p / top-p distribution of x / T_div (on a CPU the
+        nucleus is searched among the top candidates, :func:`nucleus_topk`)."""
+        scaled = min_p_mask(x / T_div[:, None], self.config.min_p)
+        nucleus = nucleus_topk(scaled, self.config.top_p) if x.device.type == "cpu" else None
+        probs, ids = (
+            nucleus if nucleus is not None else (top_p_mask(scaled, self.config.top_p).softmax(-1), None)
+        )
+        q = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-30)
+        race = probs.div_(q).argmax(-1)
+        return race if ids is None else ids.gather(1, race[:, None]).squeeze(1)
 
     def _fused_call(self, x: torch.Tensor, generator, active) -> SamplerOutput:
         """Same result as the torch path; entropy + state + temperature and token choice + record are three
@@ -187,12 +192,7 @@ class BatchedSampler:
         H, greedy_tok, T, T_div = fz.entropy_temperature(x, state, cfg.mode, self._params, active)
         if not cfg.stateful:
             T, T_div = self._fixed_T, self._fixed_T_div
-        race = None
-        if cfg.mode != "greedy":
-            scaled = top_p_mask(min_p_mask(x / T_div[:, None], cfg.min_p), cfg.top_p)
-            probs = scaled.softmax(-1)
-            q = torch.empty_like(probs).exponential_(generator=generator).clamp_(min=1e-30)
-            race = probs.div_(q).argmax(-1)
+        race = self._race(x, T_div, generator) if cfg.mode != "greedy" else None
         return SamplerOutput(fz.finish(race, greedy_tok, T, self.state, active), H, T)
 
 
