@@ -42,8 +42,10 @@ def _check_blocks(x: torch.Tensor, block_size: int, what: str) -> None:
 
 
 def nvfp4_global_scale(amax: torch.Tensor | float) -> torch.Tensor:
-    """compressed-tensors' tensor scale ``448*6/amax`` (float32, shape [1]); 1.0 where it is not finite."""
-    amax = torch.as_tensor(amax, dtype=torch.float32).reshape(1)
+    """compressed-tensors' tensor scale ``448*6/amax`` (float32; shape [1] for a scalar ``amax``, else the
+    shape of ``amax``: one scale per stacked tensor); 1.0 where it is not finite."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    amax = amax.reshape(1) if amax.dim() == 0 else amax
     g = (FP8_MAX * E2M1_MAX) / amax.clamp(min=torch.finfo(torch.float32).tiny)
     return torch.nan_to_num(g, nan=1.0, posinf=1.0, neginf=1.0)
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fp4reason.formats import qdq_kv4, qdq_nvfp4, straight_through
-from fp4reason.formats.nvfp4 import BLOCK_SIZE, E2M1_MAX, FP8_MAX, _quantize_blocks
+from fp4reason.formats.nvfp4 import BLOCK_SIZE, _quantize_blocks, nvfp4_global_scale
 from fp4reason.quant.kshift import attention_modules, decoder_layers  # noqa: F401  (re-exported)
 
 ATTN_NAME = "fp4reason_qat_kv4"
@@ -33,9 +33,7 @@ ATTN_NAME = "fp4reason_qat_kv4"
 
 def qdq_nvfp4_stacked(w: torch.Tensor) -> torch.Tensor:
     """``qdq_nvfp4`` of each ``w[i]`` (its own dynamic tensor scale) of stacked weights [G, N, K] at once."""
-    amax = w.detach().abs().amax(dim=(1, 2)).float()
-    g = (FP8_MAX * E2M1_MAX) / amax.clamp(min=torch.finfo(torch.float32).tiny)  # as nvfp4_global_scale
-    g = torch.nan_to_num(g, nan=1.0, posinf=1.0, neginf=1.0)[:, None, None]
+    g = nvfp4_global_scale(w.detach().abs().amax(dim=(1, 2)))[:, None, None]
     q, _, step = _quantize_blocks(w, g, BLOCK_SIZE)
     return (q * step.unsqueeze(-1)).flatten(-2).to(w.dtype)
 
