@@ -12,7 +12,7 @@ from fp4reason.formats import quantize_nvfp4
 from fp4reason.kernels import cuda as fk
 from fp4reason.kernels import prepare_nvfp4
 
-CONFIGS = [(28672, 4096, 1), (4096, 14336, 1), (4096, 4096, 1), (28672, 4096, 16), (4096, 14336, 16)]
+CONFIGS = [(n, k, m) for m in (1, 16) for n, k in ((28672, 4096), (4096, 14336), (4096, 4096))]
 
 for n, k, m in CONFIGS:
     w = prepare_nvfp4(quantize_nvfp4(torch.randn(n, k, device="cuda") * 0.02))

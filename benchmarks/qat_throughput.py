@@ -7,11 +7,16 @@ ratio against BF16 (ReQAT target: QAT step <= 1.5x a BF16 step), and writes JSON
     python benchmarks/qat_throughput.py --out benchmarks/results/qat_throughput_h100.json
     python benchmarks/qat_throughput.py --tiny   # CPU smoke run
 
-A mode is ``bf16`` or ``qat`` plus options joined by ``_``: ``sem`` (SEM loss), ``compiled`` (compiled
-quantize-dequantize kernels), ``noshare`` (fake-quantize the shared q/k/v and gate/up input once per Linear,
+A mode is ``bf16`` or ``qat`` plus options joined by ``_``: ``sem`` (SEM loss), ``compiled`` (torch.compiled
+quantize-dequantize kernels), ``triton`` (the Triton kernels of ``fp4reason.kernels.fakequant``; without
+either, eager torch), ``noshare`` (fake-quantize the shared q/k/v and gate/up input once per Linear,
 the path before input sharing), ``stepw`` (every weight fake-quantized once per step in one batched call per
-shape). ``noshare``/``stepw`` change no number: the first-step loss of every QAT mode with the same
-``sem``/``compiled`` must equal bit for bit, else the script exits 1 after printing the table.
+shape). ``noshare``/``stepw`` change no number, and ``compiled`` and ``triton`` are bit-identical by
+construction: the first-step loss of every QAT mode with the same ``sem`` and kernel family (eager torch, or
+compiled/triton) must equal bit for bit, else the script exits 1 after printing the table.
+
+``--profile``: after timing a mode, one more step runs under ``torch.profiler``; the top-30 ops by self
+CUDA time (CPU time on a CPU) go to ``<dir of --out>/qat_profile_<mode>.txt``.
 """
 
 import argparse
@@ -61,14 +66,17 @@ def build(cfg: dict, device):
     return model.train()
 
 
-OPTIONS = {"sem", "compiled", "noshare", "stepw"}
+OPTIONS = {"sem", "compiled", "triton", "noshare", "stepw"}
 
 
 def mode_options(mode: str) -> set[str]:
     kind, *opts = mode.split("_")
     bad = [o for o in opts if o not in OPTIONS] + ([] if kind in ("bf16", "qat") else [kind])
-    if bad or (kind == "bf16" and opts):
-        raise SystemExit(f"bad mode {mode!r}: bf16, or qat with options from {sorted(OPTIONS)} joined by '_'")
+    if bad or (kind == "bf16" and opts) or {"compiled", "triton"} <= set(opts):
+        raise SystemExit(
+            f"bad mode {mode!r}: bf16, or qat with options from {sorted(OPTIONS)} joined by '_' "
+            "(at most one of compiled/triton)"
+        )
     return set(opts) | {kind}
 
 
@@ -79,7 +87,7 @@ def run_mode(mode: str, cfg: dict, args, device) -> dict:
 
     opts = mode_options(mode)
     model = build(cfg, device)
-    compile_fake_quant("compiled" in opts)
+    compile_fake_quant("triton" if "triton" in opts else "compiled" if "compiled" in opts else "eager")
     if "qat" in opts:
         prepare_qat(model, share_inputs="noshare" not in opts, step_weights="stepw" in opts)
     if args.grad_ckpt:
@@ -95,26 +103,33 @@ def run_mode(mode: str, cfg: dict, args, device) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def train_step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(input_ids=ids[:, :-1], use_cache=False).logits
         loss = chunked_cross_entropy(logits, labels) / n_label  # the trainer's loss path
         if sem:
             loss = loss + 0.1 * sem_penalty(logits, labels)
-        if first_loss is None:
-            first_loss = loss.item()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    times = []
+    for step in range(args.warmup + args.steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = train_step()
+        if first_loss is None:
+            first_loss = loss.item()  # after the step (the timed loop syncs anyway): same value
         if cuda:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = sorted(times)[len(times) // 2]
+    if args.profile:
+        profile_step(mode, train_step, args, cuda)
     res = {
         "step_s_median": step_s,
         "step_s_all": times,
@@ -124,10 +139,28 @@ def run_mode(mode: str, cfg: dict, args, device) -> dict:
     }
     if cuda:
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del model, opt
+    model = opt = None  # free the memory before the next mode (train_step holds them too)
     if cuda:
         torch.cuda.empty_cache()
     return res
+
+
+def profile_step(mode: str, train_step, args, cuda: bool) -> None:
+    """One more step under torch.profiler; the top-30 ops by self device (CPU) time to a text file."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        train_step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    out = (Path(args.out).parent if args.out else Path(".")) / f"qat_profile_{mode}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(f"{mode}: one training step, top 30 by {key}\n{table}\n")
+    os.replace(tmp, out)
 
 
 def main() -> None:
@@ -139,6 +172,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing in every mode")
+    ap.add_argument("--profile", action="store_true", help="a torch.profiler table per mode (see above)")
     ap.add_argument(
         "--modes", default=None, help="comma list, e.g. bf16,qat_compiled,qat_compiled_stepw (see above)"
     )
@@ -149,7 +183,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TINY if args.tiny else QWEN3_0_6B
     args.seq = args.seq or (64 if args.tiny else 2048)
-    gpu_modes = "qat_compiled_noshare,qat_compiled,qat_compiled_stepw,qat_sem_compiled,qat_sem_compiled_stepw"
+    gpu_modes = (
+        "qat_compiled_noshare,qat_compiled,qat_compiled_stepw,qat_sem_compiled,qat_sem_compiled_stepw,"
+        "qat_triton,qat_triton_stepw,qat_sem_triton_stepw"
+    )
     # GPU: the measured 1.54x path (compiled_noshare) first, then the faster ones with the same numbers
     default = "bf16," + ("qat_noshare,qat,qat_stepw,qat_sem_stepw" if device.type == "cpu" else gpu_modes)
     modes = (args.modes or default).split(",")
@@ -179,12 +216,13 @@ def main() -> None:
 
 
 def check_same_numbers(results: dict) -> None:
-    """QAT modes that differ only in ``noshare``/``stepw`` must give the same first-step loss, bit for bit."""
+    """QAT modes that differ only in ``noshare``/``stepw`` (or compiled vs triton) must give the same
+    first-step loss, bit for bit."""
     families: dict[tuple, list[str]] = {}
     for mode in results:
         opts = mode_options(mode)
         if "qat" in opts:
-            families.setdefault(("sem" in opts, "compiled" in opts), []).append(mode)
+            families.setdefault(("sem" in opts, bool(opts & {"compiled", "triton"})), []).append(mode)
     bad = []
     for modes in families.values():
         ref = results[modes[0]]["first_loss"]

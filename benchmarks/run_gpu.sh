@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU-host driver: GPU tests and benchmarks, each with its own time limit, logs and JSON in $OUT.
-# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [qat] [kernel] [e2e]
+# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e]
+# (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, E2E_LIMIT, E2E_NEW)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
-stages=${*:-tests sampler qat kernel e2e}
+stages=${*:-tests sampler fakequant qat kernel e2e}
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
   echo "=== $name ($(date +%T))"
@@ -25,7 +26,10 @@ for s in $stages; do
     recheck) step gpu_recheck 150 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              -k "cuda_graphs or torch_compile" tests/test_kernels.py tests/test_engine.py ;;
     sampler) step sampler_overhead 120 python3 benchmarks/sampler_overhead.py --device cuda --out "$OUT/sampler_overhead_gpu.json" ;;
-    qat) step qat_throughput 150 python3 benchmarks/qat_throughput.py ${QAT_MODES:+--modes "$QAT_MODES"} --out "$OUT/qat_throughput.json" ;;
+    fakequant) step fakequant_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fakequant_triton.py
+             step fakequant_bench 120 python3 benchmarks/fakequant_bench.py --out "$OUT/fakequant_bench.json" ;;
+    qat) step qat_throughput 240 python3 benchmarks/qat_throughput.py ${QAT_MODES:+--modes "$QAT_MODES"} \
+           ${QAT_PROFILE:+--profile} --out "$OUT/qat_throughput.json" ;;
     kernel) step kernel_bench 200 python3 benchmarks/kernel_bench.py --m "${KERNEL_M:-1,2,4,8,16}" --out "$OUT/kernel" ;;
     e2e) step e2e_bench "${E2E_LIMIT:-480}" python3 benchmarks/e2e_bench.py --new-tokens "${E2E_NEW:-1024}" --out "$OUT/e2e.json" ;;
   esac

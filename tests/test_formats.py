@@ -220,3 +220,22 @@ def test_e2m1_decode_matches_the_published_table_for_all_16_codes():
     got = codes_to_e2m1(torch.arange(16, dtype=torch.uint8))
     assert got.tolist() == table
     assert torch.signbit(got).tolist() == [i >= 8 for i in range(16)]
+
+
+def test_kv4_matches_a_float64_rendering_and_keeps_zero_tensors_zero():
+    """KV4: g = amax / (3.5 * 448), s = e4m3(block_amax / (3.5 g)) * g, x_hat = e1m2(x / s) * s."""
+    from fp4reason.formats import qdq_kv4
+
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 2.0
+    x[1, 16:32] = 0  # an all-zero block
+    g = x.double().abs().max() / (3.5 * 448)
+    blocks = x.double().reshape(3, 4, 16)
+    s = (blocks.abs().amax(-1, keepdim=True) / (3.5 * g)).float().to(torch.float8_e4m3fn).double() * g
+    grid = torch.arange(8, dtype=torch.float64) * 0.5  # E1M2 magnitudes 0 .. 3.5
+    v = (blocks / torch.where(s > 0, s, 1.0)).clamp(-3.5, 3.5)
+    nearest = grid[(v.abs().unsqueeze(-1) - grid).abs().argmin(-1)]  # no ties in this random draw
+    ref = (torch.sign(v) * nearest * s).reshape(3, 64)
+    # float32 vs float64 scale arithmetic: ulp-level; a different grid or e4m3 choice would be >= 6 %
+    torch.testing.assert_close(qdq_kv4(x).double(), ref, rtol=1e-6, atol=0)
+    zeros = torch.zeros(2, 32)
+    assert torch.equal(qdq_kv4(zeros), zeros)  # was 0/0 = NaN everywhere

@@ -252,7 +252,7 @@ def test_kernel_fp16_bias_and_splits(m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("variant", list(range(7)))
 def test_kernel_every_variant(monkeypatch, variant):
     """Each compiled variant (row tiles, stages, activations via registers or a shared ring), both dtypes,
     with and without split-K, every M, an N that is not a multiple of the CTA rows."""

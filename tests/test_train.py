@@ -138,6 +138,19 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert (tmp_path / "b" / "final" / "config.json").is_file()
 
 
+def test_step_weights_trains_bit_identically(tmp_path):
+    """The trainer's ``step_weights`` (one batched weight quantization per forward) changes no number."""
+    ex = _examples()
+    a, b = tiny_model("qwen3"), tiny_model("qwen3")
+    train(_cfg(tmp_path / "a", save_every=0, save_final=False), model=a, examples=ex)
+    train(_cfg(tmp_path / "b", save_every=0, save_final=False, step_weights=True), model=b, examples=ex)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    assert [r["loss"] for r in _log(tmp_path / "a")] == [r["loss"] for r in _log(tmp_path / "b")]
+    untrained = tiny_model("qwen3").model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(a.model.layers[0].mlp.up_proj.weight, untrained)
+
+
 def test_taq_stage2_is_prefix_of_stage1_order(tmp_path):
     ex = _examples(24)
     train(

@@ -26,7 +26,16 @@ def register(subparsers) -> None:
     p.add_argument("--gen-batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="run directory (checkpoints, train_log.jsonl, final/)")
     p.add_argument("--qat", action="store_true", help="NVFP4 W4A4 weights/inputs + KV4 keys/values, STE")
-    p.add_argument("--compile-fake-quant", action="store_true", help="torch.compile the fake-quant kernels")
+    p.add_argument(
+        "--compile-fake-quant",
+        action="store_true",
+        help="CPU: torch.compile the fake-quant ops (CUDA: Triton)",
+    )
+    p.add_argument(
+        "--step-weights",
+        action="store_true",
+        help="with --qat: fake-quantize every weight once per forward, batched (same numbers; one GPU)",
+    )
     p.add_argument("--no-kv-quant", action="store_true", help="with --qat: leave keys/values unquantized")
     p.add_argument("--sem", type=float, default=0.0, metavar="LAMBDA", help="SEM weight (ReQAT: 0.1)")
     p.add_argument("--sem-percentile", type=float, default=0.75)
@@ -66,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         qat=args.qat,
         kv_quant=not args.no_kv_quant,
         compile_fake_quant=args.compile_fake_quant,
+        step_weights=args.step_weights,
         sem_lambda=args.sem,
         sem_percentile=args.sem_percentile,
         num_traces=args.num_traces,

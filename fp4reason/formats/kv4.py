@@ -15,8 +15,9 @@ def qdq_kv4(x: torch.Tensor) -> torch.Tensor:
     _check_blocks(x, BLOCK_SIZE, "key/value")
     blocks = x.float().unflatten(-1, (-1, BLOCK_SIZE))
     g = blocks.abs().amax() / (E1M2_MAX * FP8_MAX)
+    g_safe = torch.where(g > 0, g, 1.0)  # an all-zero tensor: zero scales and values, not 0/0 = NaN
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
-    s = (block_amax / (E1M2_MAX * g)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float() * g
+    s = (block_amax / (E1M2_MAX * g_safe)).clamp(max=FP8_MAX).to(torch.float8_e4m3fn).float() * g
     safe = torch.where(s > 0, s, 1.0)
     q = torch.where(s > 0, round_e1m2((blocks / safe).clamp(-E1M2_MAX, E1M2_MAX)), blocks * 0.0)
     return (q * s).flatten(-2).to(x.dtype)

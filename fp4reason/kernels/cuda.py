@@ -38,11 +38,12 @@ _SRC = Path(__file__).with_name("csrc") / "nvfp4_gemv.cu"
 CHUNK = 128
 MAX_M = 16
 _WS_ROWS = 1 << 17  # split-K is used for N up to this many rows
-# kernel variant (csrc launch_variant): 0/1/4 = 2 row tiles per warp (128 rows per CTA), 2/3/5 = 1 (64 rows);
-# 4/5 stage the activations through a CTA-wide shared-memory ring instead of per-warp registers.
+# kernel variant (csrc launch_variant): 0/1/4/6 = 2 row tiles per warp (128 rows per CTA), 2/3/5 = 1
+# (64 rows); 4/5/6 stage the activations through a CTA-wide shared-memory ring instead of per-warp
+# registers (6: 8 stages).
 # None = variant 4 at every M (H100 sweeps of v6, benchmarks/NOTES.md).
 _variant: int | None = int(os.environ["FP4REASON_VARIANT"]) if "FP4REASON_VARIANT" in os.environ else None
-_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64}
+_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64, 6: 128}
 # programmatic dependent launch: None = on (v5 sweep: equal or faster on every 8B linear but Qwen3 gate_up at
 # M=16; v4, with more instructions per weight, had lost on the large ones)
 _pdl: int | None = int(os.environ["FP4REASON_PDL"]) if "FP4REASON_PDL" in os.environ else None

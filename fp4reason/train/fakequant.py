@@ -6,7 +6,10 @@
   after RoPE and after subtracting the Q-FIT key shift ``module.k_shift`` when the layer has one; queries
   are not quantized.
 * Straight-through gradients everywhere (``fp4reason.formats.qdq_*`` under ``straight_through``, the
-  composition ``fake_quantize_*`` is, optionally with compiled quantize-dequantize kernels).
+  composition ``fake_quantize_*`` is). The quantize-dequantize itself runs on one of three backends
+  (:func:`compile_fake_quant`): eager torch, the Triton kernels of ``fp4reason.kernels.fakequant`` (bit for
+  bit the same; the default for CUDA tensors when triton imports), or ``torch.compile``d torch (the same on
+  CPU; on CUDA not bit-exact: inductor divides approximately, seen in ``benchmarks/fakequant_bench.py``).
 
 Two ways of doing less work with the same numbers (forward values and gradients bit for bit):
 * q/k/v (and gate/up) read one input tensor: it is fake-quantized once and shared (``share_inputs``).
@@ -18,6 +21,7 @@ The K/V hook is an attention function registered with transformers' ``AttentionI
 :data:`ATTN_NAME`; it wraps whatever implementation the model used before (sdpa by default).
 """
 
+import importlib.util
 import weakref
 from collections import defaultdict
 
@@ -38,20 +42,67 @@ def qdq_nvfp4_stacked(w: torch.Tensor) -> torch.Tensor:
     return (q * step.unsqueeze(-1)).flatten(-2).to(w.dtype)
 
 
-_QDQ = {"nvfp4": qdq_nvfp4, "kv4": qdq_kv4, "nvfp4_stacked": qdq_nvfp4_stacked}
+_TORCH = {"nvfp4": qdq_nvfp4, "kv4": qdq_kv4, "nvfp4_stacked": qdq_nvfp4_stacked}
+_QDQ = dict(_TORCH)  # what fq_* call: each entry picks its backend (see compile_fake_quant)
 _COMPILED: dict = {}
+_TRITON: dict = {}
+_BACKENDS = ("eager", "compiled", "triton")
+_backend = {"cpu": "eager", "cuda": "eager"}  # set by compile_fake_quant below
 
 
-def compile_fake_quant(enable: bool = True) -> None:
-    """Use ``torch.compile``d quantize-dequantize kernels (one fused kernel each instead of ~20 eager ops);
-    same numerics, the straight-through autograd stays eager. For GPU training throughput."""
-    if enable:
+def _fns(backend: str) -> dict:
+    if backend == "triton":
+        if not _TRITON:
+            from fp4reason.kernels import fakequant as tri  # imports triton: only when first needed
+
+            _TRITON.update(nvfp4=tri.qdq_nvfp4, kv4=tri.qdq_kv4, nvfp4_stacked=tri.qdq_nvfp4_stacked)
+        return _TRITON
+    if backend == "compiled":
         if not _COMPILED:  # one wrapper each per process, shared by every later call (and its compiled code)
-            fns = {"nvfp4": qdq_nvfp4, "kv4": qdq_kv4, "nvfp4_stacked": qdq_nvfp4_stacked}
-            _COMPILED.update({k: torch.compile(f, dynamic=True) for k, f in fns.items()})
-        _QDQ.update(_COMPILED)
+            _COMPILED.update({k: torch.compile(f, dynamic=True) for k, f in _TORCH.items()})
+        return _COMPILED
+    return _TORCH
+
+
+def _by_device(key: str, cpu: str, cuda: str):
+    """``_fns(cuda)[key]`` for CUDA tensors (resolved at the first CUDA call), else ``_fns(cpu)[key]``."""
+    cpu_fn = _fns(cpu)[key]
+
+    def qdq(x: torch.Tensor, *args) -> torch.Tensor:
+        return _fns(cuda)[key](x, *args) if x.is_cuda else cpu_fn(x, *args)
+
+    return qdq
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def compile_fake_quant(enable: bool | str = True) -> None:
+    """Choose the quantize-dequantize backend (the autograd stays eager). Eager and Triton agree bit for bit
+    everywhere, compiled agrees with them on CPU only (module docstring).
+
+    ``True``/``False``: ``torch.compile``d / eager torch kernels for CPU tensors, and for CUDA tensors the
+    Triton kernels (two launches per call) when triton imports, else the same torch choice. A string forces
+    one backend for every tensor: ``"eager"``, ``"compiled"`` or ``"triton"`` (CUDA tensors, or CPU tensors
+    under ``TRITON_INTERPRET=1``)."""
+    if isinstance(enable, bool):
+        cpu = "compiled" if enable else "eager"
+        cuda = "triton" if _triton_importable() else cpu
+    elif enable in _BACKENDS:
+        cpu = cuda = enable
     else:
-        _QDQ.update(nvfp4=qdq_nvfp4, kv4=qdq_kv4, nvfp4_stacked=qdq_nvfp4_stacked)
+        raise ValueError(f"unknown fake-quant backend {enable!r}: True, False or one of {_BACKENDS}")
+    _QDQ.update(_fns(cpu) if cpu == cuda else {k: _by_device(k, cpu, cuda) for k in _TORCH})
+    _backend.update(cpu=cpu, cuda=cuda)
+
+
+compile_fake_quant(False)  # the default: eager torch on CPU, Triton on CUDA
+
+
+def backend_for(device: torch.device | str) -> str:
+    """The backend the fake quantizers use now for tensors on ``device`` ("eager", "compiled" or "triton")."""
+    return _backend["cuda" if torch.device(device).type == "cuda" else "cpu"]
 
 
 def fq_nvfp4(x: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,8 @@ class TrainConfig:
     out_dir: str = "runs/train"
     qat: bool = False  # W4A4 (+KV4) fake quant
     kv_quant: bool = True
-    compile_fake_quant: bool = False  # torch.compile the quantize-dequantize kernels (same numerics, faster)
+    compile_fake_quant: bool = False  # CPU: torch.compile the quantize-dequantize (CUDA uses Triton kernels)
+    step_weights: bool = False  # fake-quantize each weight once per forward (same numerics; not with FSDP)
     sem_lambda: float = 0.0  # ReQAT: 0.1
     sem_percentile: float = 0.75
     num_traces: int | None = None  # first N traces of the seeded order (TAQ subset); None = all
@@ -180,8 +181,10 @@ def _train(acc, cfg: TrainConfig, model, tokenizer, examples: list[Example] | No
     total = len(schedule)
 
     if cfg.qat:
+        if cfg.step_weights and acc.distributed_type.name == "FSDP":
+            raise ValueError("step_weights needs every weight on one device; it does not work under FSDP")
         compile_fake_quant(cfg.compile_fake_quant)
-        prepare_qat(model, kv=cfg.kv_quant)
+        prepare_qat(model, kv=cfg.kv_quant, step_weights=cfg.step_weights)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -276,7 +279,7 @@ def _train(acc, cfg: TrainConfig, model, tokenizer, examples: list[Example] | No
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             if cfg.qat:
-                prepare_qat(unwrapped, kv=cfg.kv_quant)
+                prepare_qat(unwrapped, kv=cfg.kv_quant, step_weights=cfg.step_weights)
             if cfg.export_fp4:  # from the saved weights: the same path on one process or under FSDP
                 from fp4reason.train.export import export_fp4
 

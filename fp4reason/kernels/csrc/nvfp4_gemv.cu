@@ -365,13 +365,23 @@ __global__ void __launch_bounds__(WARPS * 32)
   __syncthreads();
   if (!s_last) return;
   __threadfence();
+  // one row per thread: its <= 16 sums in four vector loads issued together (a loop of scalar loads paid
+  // one L2 round trip per token: ~8 us at M = 16), then zeroed (slot M of an odd M got a pad-row sum too)
   for (int i = threadIdx.x; i < ROWS_PER_CTA; i += blockDim.x) {
     int row = row_block + i;
     if (row >= N) break;
     float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
-    float* src = work + (size_t)row * WS_LD;
-    for (int m = 0; m < M; ++m) store_out<BF16>(out, (size_t)m * N + row, __ldcg(src + m) * f + bv);
-    for (int m = 0; m < ((M + 1) & ~1); ++m) __stcg(src + m, 0.f);  // the odd pad slot got 0 * w too
+    float4* src = reinterpret_cast<float4*>(work + (size_t)row * WS_LD);
+    float4 v[WS_LD / 4];
+#pragma unroll
+    for (int q = 0; q < WS_LD / 4; ++q)
+      if (q * 4 < M) v[q] = __ldcg(src + q);
+#pragma unroll
+    for (int q = 0; q < WS_LD / 4; ++q)
+      if (q * 4 <= M) __stcg(src + q, make_float4(0.f, 0.f, 0.f, 0.f));
+#pragma unroll
+    for (int m = 0; m < WS_LD; ++m)
+      if (m < M) store_out<BF16>(out, (size_t)m * N + row, (&v[m >> 2].x)[m & 3] * f + bv);
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
@@ -408,7 +418,7 @@ int launch(int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t
 }
 
 // variant: 0 = 2 row tiles per warp, 4 stages; 1 = 2 tiles, 6 stages; 2 = 1 tile, 4 stages; 3 = 1 tile, 8 stages;
-// 4 / 5 = 2 / 1 tiles, 4 stages, activations through a CTA-wide shared-memory ring (XS)
+// 4 / 5 = 2 / 1 tiles, 4 stages, activations through a CTA-wide shared-memory ring (XS); 6 = 4 with 8 stages
 template <bool BF16, int NT>
 int launch_variant(int variant, int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
                    const void* bias, void* out, float* work, int* cnt, int M, int N, int K) {
@@ -418,6 +428,7 @@ int launch_variant(int variant, int splits, int pdl, cudaStream_t s, const uint1
     case 3: return launch<BF16, NT, 8, 1>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     case 4: return launch<BF16, NT, 4, 2, true>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     case 5: return launch<BF16, NT, 4, 1, true>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 6: return launch<BF16, NT, 8, 2, true>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     default: return launch<BF16, NT, 4, 2>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
   }
 }
