@@ -50,8 +50,12 @@ def time_calls(fns, reps: int = 15) -> float:
             for f in fns:
                 f()
 
-    run()
-    torch.cuda.synchronize()
+    # warm up for >= 25 ms of replays, so every column is timed at settled clocks (the first-timed column
+    # used to read up to ~10 % slow, benchmarks/NOTES.md v6b and v7)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.025:
+        run()
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
