@@ -11,9 +11,10 @@ A mode is ``bf16`` or ``qat`` plus options joined by ``_``: ``sem`` (SEM loss), 
 quantize-dequantize kernels), ``triton`` (the Triton kernels of ``fp4reason.kernels.fakequant``; without
 either, eager torch), ``noshare`` (fake-quantize the shared q/k/v and gate/up input once per Linear,
 the path before input sharing), ``stepw`` (every weight fake-quantized once per step in one batched call per
-shape). ``noshare``/``stepw`` change no number, and ``compiled`` and ``triton`` are bit-identical by
-construction: the first-step loss of every QAT mode with the same ``sem`` and kernel family (eager torch, or
-compiled/triton) must equal bit for bit, else the script exits 1 after printing the table.
+shape). ``noshare``/``stepw`` change no number, and ``triton`` equals eager torch bit for bit (tested on the
+H100); ``compiled`` does on CPU only (inductor divides approximately on CUDA). The first-step loss of every
+QAT mode with the same ``sem`` and family (eager torch or triton; compiled) must equal bit for bit, else the
+script exits 1 after printing the table.
 
 ``--profile``: after timing a mode, one more step runs under ``torch.profiler``; the top-30 ops by self
 CUDA time (CPU time on a CPU) go to ``<dir of --out>/qat_profile_<mode>.txt``.
@@ -183,11 +184,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = TINY if args.tiny else QWEN3_0_6B
     args.seq = args.seq or (64 if args.tiny else 2048)
-    gpu_modes = (
-        "qat_compiled_noshare,qat_compiled,qat_compiled_stepw,qat_sem_compiled,qat_sem_compiled_stepw,"
-        "qat_triton,qat_triton_stepw,qat_sem_triton_stepw"
-    )
-    # GPU: the measured 1.54x path (compiled_noshare) first, then the faster ones with the same numbers
+    gpu_modes = "qat_compiled_stepw,qat_triton,qat_triton_stepw,qat_sem_triton_stepw"
     default = "bf16," + ("qat_noshare,qat,qat_stepw,qat_sem_stepw" if device.type == "cpu" else gpu_modes)
     modes = (args.modes or default).split(",")
     for mode in modes:
@@ -216,13 +213,13 @@ def main() -> None:
 
 
 def check_same_numbers(results: dict) -> None:
-    """QAT modes that differ only in ``noshare``/``stepw`` (or compiled vs triton) must give the same
+    """QAT modes that differ only in ``noshare``/``stepw`` (or eager vs triton) must give the same
     first-step loss, bit for bit."""
     families: dict[tuple, list[str]] = {}
     for mode in results:
         opts = mode_options(mode)
         if "qat" in opts:
-            families.setdefault(("sem" in opts, bool(opts & {"compiled", "triton"})), []).append(mode)
+            families.setdefault(("sem" in opts, "compiled" in opts), []).append(mode)
     bad = []
     for modes in families.values():
         ref = results[modes[0]]["first_loss"]
