@@ -118,7 +118,14 @@ def rel_err(y: torch.Tensor, x: torch.Tensor, w: NVFP4Tensor) -> float:
 
 
 def bench_shape(
-    n: int, k: int, ms: list[int], sweep: bool, log, only_ours: bool = False, variants=(0, 4, 5)
+    n: int,
+    k: int,
+    ms: list[int],
+    sweep: bool,
+    log,
+    only_ours: bool = False,
+    variants=(0, 4, 5),
+    grids=(),
 ) -> dict:
     torch.manual_seed(0)
     w = quantize_nvfp4(torch.randn(n, k, device="cuda") * 0.02)
@@ -142,13 +149,18 @@ def bench_shape(
             hum, res["humming_error"] = None, repr(e)[:300]
     for m in ms:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        row = {"rel_err": rel_err(nvfp4_linear(x, nvs[0]), x, w), "splits": fk.split_count(m, n, k)}
+        row = {"rel_err": rel_err(nvfp4_linear(x, nvs[0]), x, w), "ctas": fk.grid_ctas(m, n, k)}
         row["ours"] = time_calls([lambda c=c, x=x: nvfp4_linear(x, c) for c in nvs])
         pdl = fk._pdl
         for flag in (0, 1):
             fk._pdl = flag
             row[f"ours_pdl{flag}"] = time_calls([lambda c=c, x=x: nvfp4_linear(x, c) for c in nvs])
         fk._pdl = pdl
+        per_sm = fk._ctas_per_sm
+        for g in grids:  # grid policies: CTAs per SM (stream-K), 0 = split-K
+            fk._ctas_per_sm = g
+            row[f"cps{g}"] = time_calls([lambda c=c, x=x: nvfp4_linear(x, c) for c in nvs])
+        fk._ctas_per_sm = per_sm
         if sweep:  # kernel variants x fixed split counts
             default = fk._variant
             for v in variants:
@@ -191,6 +203,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="also time fixed split-K counts")
     ap.add_argument("--only-ours", action="store_true", help="skip the baselines (tuning runs)")
     ap.add_argument("--variants", default="0,4,5", help="kernel variants in the --sweep")
+    ap.add_argument("--grids", default="", help="also time these CTAs-per-SM grid policies (0 = split-K)")
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     out = Path(args.out)
@@ -212,10 +225,12 @@ def main() -> int:
     log(f"device copy bandwidth {bw / 1e12:.3f} TB/s (read+write)")
     shapes = sorted({s for lin in MODELS.values() for s in lin.values()})
     variants = [int(v) for v in args.variants.split(",")]
+    grids = [int(v) for v in args.grids.split(",") if v]
     results = {
-        f"{n}x{k}": bench_shape(n, k, ms, args.sweep, log, args.only_ours, variants) for n, k in shapes
+        f"{n}x{k}": bench_shape(n, k, ms, args.sweep, log, args.only_ours, variants, grids) for n, k in shapes
     }
     cols = ["ours", "ours_pdl0", "ours_pdl1", "humming", "cublas_bf16", "torch_int4", "dequant_matmul"]
+    cols += [f"cps{g}" for g in grids]
 
     lines = [f"# NVFP4 small-M kernel bench ({props.name}, copy BW {bw / 1e12:.2f} TB/s)", ""]
     lines += ["## Per linear (µs; eff = 4.5-bit bytes / ours)", ""]
@@ -241,10 +256,12 @@ def main() -> int:
                     if c in row:
                         acc[c] = acc.get(c, 0.0) + row[c]
     lines += ["", "## Per layer (sum of the four linears, µs)", ""]
+    gcols = [f"cps{g}" for g in grids]
     lines += [
         "| model | M | ours | humming | cuBLAS BF16 | torch int4 | floor | eff TB/s | ×humming | ×cuBLAS |"
+        + "".join(f" {c} |" for c in gcols)
     ]
-    lines += ["|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(gcols)]
     for (model, m), a in layer.items():
         hum = a.get("humming", float("nan"))
         lines.append(
@@ -252,6 +269,7 @@ def main() -> int:
             f"| {a.get('torch_int4', float('nan')):.1f} | {a['floor']:.1f} "
             f"| {a['bytes'] / a['ours'] / 1e6:.2f} "
             f"| {hum / a['ours']:.2f} | {a.get('cublas_bf16', float('nan')) / a['ours']:.2f} |"
+            + "".join(f" {a.get(c, float('nan')):.1f} |" for c in gcols)
         )
     table = "\n".join(lines)
     meta = {

@@ -3,7 +3,7 @@
 ncu --clock-control none -k regex:nvfp4_gemv --section SpeedOfLight --section WarpStateStats \
     python benchmarks/kernel_profile.py
 
-Each line of CONFIGS is (N, K, M): a Llama-3.1-8B linear with the shipped dispatch (variant, split-K).
+Each line of CONFIGS is (N, K, M): a Llama-3.1-8B linear with the shipped dispatch (variant, grid).
 """
 
 import torch
@@ -19,4 +19,4 @@ for n, k, m in CONFIGS:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     fk.nvfp4_linear_cuda(x, w)
     torch.cuda.synchronize()
-    print(f"N={n} K={k} M={m} variant={fk.variant_for(m)} splits={fk.split_count(m, n, k)}", flush=True)
+    print(f"N={n} K={k} M={m} variant={fk.variant_for(m)} ctas={fk.grid_ctas(m, n, k)}", flush=True)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU-host driver: GPU tests and benchmarks, each with its own time limit, logs and JSON in $OUT.
-# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e]
-# (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, E2E_LIMIT, E2E_NEW)
+# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab]
+# (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, E2E_LIMIT, E2E_NEW; ab: AB="ENV=1 ENV=0 ..." runs a short NVFP4
+# e2e_bench once per setting, AB_BATCHES, AB_VARIANTS)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -31,6 +32,11 @@ for s in $stages; do
     qat) step qat_throughput 240 python3 benchmarks/qat_throughput.py ${QAT_MODES:+--modes "$QAT_MODES"} \
            ${QAT_PROFILE:+--profile} --out "$OUT/qat_throughput.json" ;;
     kernel) step kernel_bench 200 python3 benchmarks/kernel_bench.py --m "${KERNEL_M:-1,2,4,8,16}" --out "$OUT/kernel" ;;
+    ab) for setting in ${AB:-FP4REASON_PDL_OPS=1 FP4REASON_PDL_OPS=0}; do
+          step "e2e_ab_${setting//[^A-Za-z0-9]/_}" 150 env "$setting" python3 benchmarks/e2e_bench.py \
+            --variants "${AB_VARIANTS:-nvfp4-w4a16,nvfp4-w4a4}" --batches "${AB_BATCHES:-1,8}" --new-tokens 256 \
+            --long-len 0 --no-compare-attn --out "$OUT/e2e_ab_${setting//[^A-Za-z0-9]/_}.json"
+        done ;;
     e2e) step e2e_bench "${E2E_LIMIT:-480}" python3 benchmarks/e2e_bench.py --new-tokens "${E2E_NEW:-1024}" --out "$OUT/e2e.json" ;;
   esac
 done

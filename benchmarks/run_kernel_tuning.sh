@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Kernel tuning call on the GPU host: build, then the named stages (default: tests ncu sweep).
 #   tests: GPU kernel tests; ncu: Nsight Compute summaries of ours per variant in NCU_VARIANTS;
-#   humming: the same for the humming peer; sweep: kernel_bench with a split x variant sweep.
-# Usage there: OUT=/some/dir [NCU_VARIANTS="0 4"] [SWEEP_M=1,16] [SWEEP_VARIANTS=4,8] \
-#   bash benchmarks/run_kernel_tuning.sh [tests] [ncu] [humming] [sweep]
+#   humming: the same for the humming peer; sweep: kernel_bench with a split x variant sweep;
+#   grids: kernel_bench (with the peers) timing each CTAs-per-SM grid policy in GRIDS (0 = split-K).
+# Usage there: OUT=/some/dir [NCU_VARIANTS="0 4"] [SWEEP_M=1,16] [SWEEP_VARIANTS=4,8] [GRIDS=0,2,4] \
+#   bash benchmarks/run_kernel_tuning.sh [tests] [ncu] [humming] [sweep] [grids]
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
@@ -28,6 +29,9 @@ for stage in ${*:-tests ncu sweep}; do
     sweep)
       timeout ${SWEEP_LIMIT:-330} python3 benchmarks/kernel_bench.py --m ${SWEEP_M:-1,2,4,8,16} --sweep --variants ${SWEEP_VARIANTS:-0,4,5} --out $OUT/kernel > $OUT/kernel_bench.log 2>&1; echo bench=$?
       grep -A12 "Per layer" $OUT/kernel_bench.log
-      grep -oE "N=[0-9]+ K=[0-9]+ M=[0-9]+|splits=[0-9]+ |ours=[0-9.]+|best=v[0-9]_s[0-9]+|best_us=[0-9.]+|humming=[0-9.]+" $OUT/kernel_bench.log | paste -d' ' - - - - - - | head -40 ;;
+      grep -oE "N=[0-9]+ K=[0-9]+ M=[0-9]+|ctas=[0-9]+ |ours=[0-9.]+|best=v[0-9]_s[0-9]+|best_us=[0-9.]+|humming=[0-9.]+" $OUT/kernel_bench.log | paste -d' ' - - - - - - | head -40 ;;
+    grids)
+      timeout ${SWEEP_LIMIT:-330} python3 benchmarks/kernel_bench.py --m ${SWEEP_M:-1,2,4,8,16} --grids ${GRIDS:-0,2,3,4,6} --out $OUT/kernel > $OUT/kernel_bench.log 2>&1; echo bench=$?
+      grep -A14 "Per layer" $OUT/kernel_bench.log ;;
   esac
 done

@@ -187,6 +187,28 @@ def test_split_and_variant_dispatch(monkeypatch):
     assert fk.split_count(1, 200000, 128) == 1
 
 
+def test_stream_k_grid(monkeypatch):
+    from fp4reason.kernels import cuda as fk
+
+    monkeypatch.setattr(fk, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(fk, "_variant", None)
+    monkeypatch.setattr(fk, "_ctas_per_sm", 4)
+    # worked by hand: 128-row CTAs, units = row blocks x 128-k chunks, min(4 x 132, units // 4) CTAs
+    assert fk.grid_ctas(1, 28672, 4096) == 528  # 224 x 32 units: 13.6 each (whole row blocks: 224 CTAs)
+    assert fk.grid_ctas(16, 24576, 4096) == 528  # 192 x 32
+    assert fk.grid_ctas(1, 4096, 4096) == 256  # 32 x 32 = 1024 units, >= 4 each
+    assert fk.grid_ctas(1, 6144, 4096) == 384  # 48 x 32
+    assert fk.grid_ctas(1, 4096, 14336) == 528  # 32 x 112
+    assert fk.grid_ctas(1, 72, 256) == 1  # 1 x 2 units
+    assert fk.grid_ctas(1, 4096, 4096, splits=8) == 256  # classic split-K: row blocks x splits
+    assert fk.grid_ctas(1, 4096, 4096, splits=64) == 32 * 32  # at most one split per chunk
+    monkeypatch.setattr(fk, "_ctas_per_sm", 0)  # the split-K policy
+    assert fk.grid_ctas(1, 28672, 4096) == 224
+    assert fk.grid_ctas(1, 6144, 4096) == 384
+    monkeypatch.setattr(fk, "_ctas_per_sm", None)  # default: split-K up to M = 8, stream-K above
+    assert fk.grid_ctas(8, 24576, 4096) == 192 and fk.grid_ctas(9, 24576, 4096) == 528
+
+
 # ---------------------------------------------------------------- GPU: the Hopper kernel
 
 SHAPES = {  # (N, K)
@@ -268,6 +290,25 @@ def test_kernel_every_variant(monkeypatch, variant):
             for splits in (1, 5):
                 y = _poisoned_call(lambda: fk.nvfp4_linear_cuda(x, w, splits=splits), m, n, dtype)  # noqa: B023
                 assert _rel(y, ref) < 1e-2, (variant, dtype, m, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_kernel_any_grid(m):
+    """Stream-K: any CTA count, so CTA ranges start and end inside row blocks, span several row blocks,
+    or are empty (more CTAs than units); the workspace is clean afterwards."""
+    from fp4reason.kernels import cuda as fk
+
+    n, k = 1000, 2048  # 8 row blocks x 16 chunks = 128 units
+    w = prepare_nvfp4(_gpu_weight(n, k, seed=m))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ref = _ref64(x, w, bias)
+    for ctas in (1, 3, 7, 8, 9, 33, 127, 128, 200):
+        y = _poisoned_call(lambda: fk.nvfp4_linear_cuda(x, w, bias, ctas=ctas), m, n, torch.bfloat16)  # noqa: B023
+        assert _rel(y, ref) < 1e-2, (m, ctas)
+    for work, counters in fk._workspaces.values():
+        assert not work.any() and not counters.any()
 
 
 @pytest.mark.gpu

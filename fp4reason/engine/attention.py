@@ -39,7 +39,11 @@ def _attn_fwd(
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS, ITERS: tl.constexpr,
     ONE_SPLIT: tl.constexpr, FUSED: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # everything below reads what earlier kernels wrote; the next kernel may start its prologue
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -143,8 +147,11 @@ def _attn_fwd(
 def _attn_reduce(
     Acc, Mx, Sm, Out, stride_ob, stride_oh, SPLITS,
     H: tl.constexpr, D: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -179,6 +186,18 @@ def available(device: torch.device | str) -> str | None:
     if kind not in ("cpu", "cuda"):
         return f"attn='triton' runs on CUDA (or the CPU interpreter), not on {kind}"
     return None
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch for the kernels on ``device`` (Hopper and newer, not the interpreter,
+    ``FP4REASON_PDL_OPS`` unset or 1): each kernel waits for the previous grid before its first read and then
+    lets the next kernel launch, so an NVFP4 projection after it streams its first weights meanwhile."""
+    return (
+        device.type == "cuda"
+        and not interpreted()
+        and os.environ.get("FP4REASON_PDL_OPS", "1") == "1"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 @functools.cache
@@ -278,6 +297,7 @@ def decode_attention(
         acc = mx = sm = out  # unused
     dummy = k_cache  # stands in for absent optional tensors (never read)
     block_d = triton.next_power_of_2(d)
+    pdl = pdl_enabled(dev)
     fwd[(b, n_kv, splits)](
         q2, stride_qb, stride_qh,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -289,14 +309,14 @@ def decode_attention(
         H=n_heads, HKV=n_kv, G=g, D=d,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
         ITERS=iters, ONE_SPLIT=splits == 1, FUSED=fused, HAS_NORM=q_norm is not None,
-        IEEE=dt == torch.float32,
-        num_warps=4,
+        IEEE=dt == torch.float32, PDL=pdl,
+        num_warps=4, launch_pdl=pdl,
     )  # fmt: skip
     if splits > 1:
         reduce[(b, n_heads)](
             acc, mx, sm, out, out.stride(0), out.stride(1), splits,
-            H=n_heads, D=d, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d,
-            num_warps=4,
+            H=n_heads, D=d, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out.view(b, n_heads * d)
 

@@ -19,6 +19,7 @@ Decode attention (``attn``): "sdpa" or "math" (torch: head norms + RoPE, two cac
 Prefill always uses SDPA.
 """
 
+import os
 import warnings
 from collections.abc import Callable
 
@@ -103,11 +104,22 @@ def _kv4(x: torch.Tensor) -> torch.Tensor:
     return torch.vmap(qdq_kv4)(x)
 
 
+def _inductor_options() -> dict:
+    """Inductor's kernels use programmatic dependent launch (on Hopper+; ``FP4REASON_PDL_INDUCTOR=0`` turns it
+    off), so the NVFP4 projection after a norm starts streaming weights before the norm ends (H100, Qwen3-8B
+    shapes, batch 1: 3.39 -> 3.26 ms per W4A16 step, 3.78 -> 3.43 W4A4; benchmarks/NOTES.md v8)."""
+    pdl = os.environ.get("FP4REASON_PDL_INDUCTOR", "1") == "1"
+    if pdl and hasattr(torch._inductor.config.triton, "enable_pdl"):
+        return {"triton.enable_pdl": True}
+    return {}
+
+
 class _Compiled:
     """torch.compile'd ``fn`` that falls back to eager ``fn`` for good if compiling it fails."""
 
     def __init__(self, fn: Callable) -> None:
-        self.fn, self.compiled, self.failed = fn, torch.compile(fn, fullgraph=True), False
+        self.fn, self.failed = fn, False
+        self.compiled = torch.compile(fn, fullgraph=True, options=_inductor_options() or None)
 
     def __call__(self, *args):
         if not self.failed:

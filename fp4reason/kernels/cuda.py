@@ -12,10 +12,12 @@ result cached on the object (doubling its memory); the decode engine should call
 before capture and keep only the prepared object.
 
 Dispatch: M <= 16, K % 128 == 0, sm_90+, bf16/fp16 input -> the kernel; anything else (prefill,
-odd K, fp32) -> dequantize + ``F.linear`` on the GPU (correct, not fast). Split-K uses one fp32
-workspace and arrival counters per device, allocated on first use outside graph capture
-(``prepare_nvfp4`` does it eagerly) and left zeroed by every launch. Calls on concurrent streams must
-not share a device's workspace (a call inside capture with no workspace yet runs without split-K).
+odd K, fp32) -> dequantize + ``F.linear`` on the GPU (correct, not fast). The grid is a fixed number of
+CTAs per SM that share the weight's (row block, 128-k chunk) units evenly (stream-K, ``grid_ctas``). Row
+blocks shared by several CTAs are summed in one fp32 workspace with arrival counters per device,
+allocated on first use outside graph capture (``prepare_nvfp4`` does it eagerly) and left zeroed by every
+launch. Calls on concurrent streams must not share a device's workspace (a call inside capture with no
+workspace yet runs one CTA per row block).
 """
 
 import ctypes
@@ -47,6 +49,12 @@ _ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64, 6: 128}
 # programmatic dependent launch: None = on (v5 sweep: equal or faster on every 8B linear but Qwen3 gate_up at
 # M=16; v4, with more instructions per weight, had lost on the large ones)
 _pdl: int | None = int(os.environ["FP4REASON_PDL"]) if "FP4REASON_PDL" in os.environ else None
+# CTAs per SM of the stream-K grid (grid_ctas); 0 = the split-K policy (split_count); None = the default:
+# split-K up to M = 8, 4 per SM above (H100 sweep, benchmarks/NOTES.md v8)
+_MIN_CHUNKS = 4
+_ctas_per_sm: int | None = (
+    int(os.environ["FP4REASON_CTAS_PER_SM"]) if "FP4REASON_CTAS_PER_SM" in os.environ else None
+)
 
 
 def _cache_dir() -> Path:
@@ -130,9 +138,9 @@ def variant_for(m: int) -> int:
 
 
 def split_count(m: int, n: int, k: int, device: int = 0) -> int:
-    """K-splits for an [m, k] x [n, k] call: none when the row blocks alone give every SM a CTA; else the
-    largest power of two that keeps the grid at or under 4 CTAs per SM and every split at >= 4 chunks
-    of 128 k (H100 sweep, benchmarks/NOTES.md v6)."""
+    """K-splits for an [m, k] x [n, k] call under the split-K policy (``_ctas_per_sm`` = 0): none when the
+    row blocks alone give every SM a CTA; else the largest power of two that keeps the grid at or under 4
+    CTAs per SM and every split at >= 4 chunks of 128 k (H100 sweep, benchmarks/NOTES.md v6)."""
     row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m)])
     sms, chunks = _sm_count(device), k // CHUNK
     if row_blocks >= sms:
@@ -141,6 +149,20 @@ def split_count(m: int, n: int, k: int, device: int = 0) -> int:
     while row_blocks * s * 2 <= 4 * sms and s * 2 <= chunks // 4:
         s *= 2
     return s
+
+
+def grid_ctas(m: int, n: int, k: int, device: int = 0, splits: int = 0) -> int:
+    """The kernel's grid for an [m, k] x [n, k] call. The kernel cuts the row_blocks x chunks units into
+    this many equal ranges (stream-K), so the count need not divide anything. ``splits`` > 0: classic
+    split-K, row_blocks x splits. Else ``_ctas_per_sm`` CTAs per SM (default: 0 up to M = 8, else 4; at
+    most one CTA per 4 units, so each streams >= 4 chunks), or the split-K policy when it is 0."""
+    row_blocks, chunks = -(-n // _ROWS_PER_CTA[variant_for(m)]), k // CHUNK
+    if splits > 0:
+        return row_blocks * min(splits, chunks)
+    per_sm = (0 if m <= 8 else 4) if _ctas_per_sm is None else _ctas_per_sm
+    if per_sm <= 0:
+        return row_blocks * split_count(m, n, k, device)
+    return max(1, min(per_sm * _sm_count(device), row_blocks * chunks // _MIN_CHUNKS))
 
 
 def supported(x: torch.Tensor, n: int, k: int) -> bool:
@@ -247,19 +269,20 @@ def nvfp4_linear_op(
     global_scale: torch.Tensor,
     bias: torch.Tensor | None,
     n: int,
-    splits: int,
+    grid: int,
 ) -> torch.Tensor:
-    """``x [M, K] @ W[N, K].T (+ bias)`` with W tiled NVFP4; ``splits`` <= 0 picks the K-split."""
+    """``x [M, K] @ W[N, K].T (+ bias)`` with W tiled NVFP4 on ``grid`` CTAs (0: :func:`grid_ctas`'s)."""
     m, k = x.shape
     if not supported(x, n, k):
         w = TiledNVFP4(tiled, global_scale, n)
         return F.linear(x, w.dequantize(x.dtype), bias)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    s = splits if splits > 0 else split_count(m, n, k, dev)
-    ws = _workspace(x.device) if s > 1 and n <= _WS_ROWS else None
+    ctas = grid if grid > 0 else grid_ctas(m, n, k, dev)
+    whole = -(-n // _ROWS_PER_CTA[variant_for(m)])  # one CTA per row block: needs no workspace
+    ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
     if ws is None:
-        s = 1
+        ctas = whole
     work, counters = ws if ws is not None else (None, None)
     err = _lib().fp4r_nvfp4_gemv(
         x.data_ptr(),
@@ -272,7 +295,7 @@ def nvfp4_linear_op(
         m,
         n,
         k,
-        s,
+        ctas,
         int(x.dtype == torch.bfloat16),
         variant_for(m),
         1 if _pdl is None else _pdl,
@@ -284,7 +307,7 @@ def nvfp4_linear_op(
 
 
 @nvfp4_linear_op.register_fake
-def _(x, tiled, global_scale, bias, n, splits):
+def _(x, tiled, global_scale, bias, n, grid):
     return x.new_empty(x.shape[0], n)
 
 
@@ -307,9 +330,15 @@ def _tiled(w: "NVFP4Tensor | TiledNVFP4") -> TiledNVFP4:
 
 
 def nvfp4_linear_cuda(
-    x: torch.Tensor, w: "NVFP4Tensor | TiledNVFP4", bias: torch.Tensor | None = None, *, splits: int = 0
+    x: torch.Tensor,
+    w: "NVFP4Tensor | TiledNVFP4",
+    bias: torch.Tensor | None = None,
+    *,
+    splits: int = 0,
+    ctas: int = 0,
 ) -> torch.Tensor:
-    """GPU ``x @ dequant(w).T + bias`` for x [..., K]; leading dims are flattened."""
+    """GPU ``x @ dequant(w).T + bias`` for x [..., K]; leading dims are flattened. ``splits`` (classic
+    split-K) or ``ctas`` (any grid) override the dispatch's grid, for tests and sweeps."""
     n, k = w.shape
     lead = x.shape[:-1]
     x2 = _aligned(x.reshape(-1, k))
@@ -319,7 +348,9 @@ def nvfp4_linear_cuda(
     gs = t.global_scale if t.global_scale.device == x.device else t.global_scale.to(x.device)
     if bias is not None:
         bias = bias.to(x.dtype).contiguous()
-    y = torch.ops.fp4reason.nvfp4_linear(x2, t.tiled, gs, bias, n, splits)
+    if splits > 0 and not ctas:
+        ctas = grid_ctas(x2.shape[0], n, k, splits=splits)
+    y = torch.ops.fp4reason.nvfp4_linear(x2, t.tiled, gs, bias, n, ctas)
     return y.reshape(*lead, n)
 
 

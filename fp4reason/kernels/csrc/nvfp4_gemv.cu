@@ -149,38 +149,23 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   constexpr int ROWS_PER_CTA = WARPS * RT * 16;
-  const int row_block = blockIdx.x * ROWS_PER_CTA;
-  const int row_warp = row_block + warp * RT * 16;
   const int chunks = K / CHUNK;
-  const int splits = gridDim.y;
-  const int c_begin = (int)((long long)chunks * blockIdx.y / splits);
-  const int c_end = (int)((long long)chunks * (blockIdx.y + 1) / splits);
   const int tiles = (N + 15) / 16;
   const int lane_id = threadIdx.x & 31;
+  const long long units = (long long)((N + ROWS_PER_CTA - 1) / ROWS_PER_CTA) * chunks;
+  long long u = units * blockIdx.x / gridDim.x;
+  const long long u_end = units * (blockIdx.x + 1) / gridDim.x;
 
-  // tiled layout: [tile][chunk][1024 B weights in lane order (h, g, t) | 128 B scales in lane order]
-  const uint8_t* wp[RT];
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    int tile = min((row_warp + r * 16) / 16, tiles - 1);
-    wp[r] = tiled + (size_t)tile * chunks * TILE_BYTES;
-  }
   // tokens past M read row M-1: their mma columns are never stored, and no lane needs a predicate
   const uint16_t* xp[NT];
 #pragma unroll
   for (int n = 0; n < NT; ++n) xp[n] = x + (size_t)min(n * 8 + g, M - 1) * K + t * 32;
 
-  float acc[RT][NT][4];
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][n][i] = 0.f;
-
   // per-warp STAGES-deep cp.async ring of [W 32 rows x 64 B][scales 32 rows x 8 B]
   constexpr int W_BYTES = RT * 16 * 64, S_BYTES = RT * 16 * 8, STAGE = W_BYTES + S_BYTES;
   uint8_t* ring = dyn_smem + warp * STAGES * STAGE;
+  // tiled layout: [tile][chunk][1024 B weights in lane order (h, g, t) | 128 B scales in lane order]
+  const uint8_t* wp[RT];
   auto issue = [&](int c, int stage) {
     uint8_t* st = ring + stage * STAGE;
 #pragma unroll
@@ -208,10 +193,10 @@ __global__ void __launch_bounds__(WARPS * 32)
   bool xon[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    int i = threadIdx.x + j * WARPS * 32, row = i >> 4, u = i & 15;
+    int i = threadIdx.x + j * WARPS * 32, row = i >> 4, q = i & 15;
     xon[j] = row < M;
-    xsrc[j] = x + (size_t)min(row, M - 1) * K + u * 8;
-    xdst[j] = row * 256 + xs_unit(row, u) * 16;
+    xsrc[j] = x + (size_t)min(row, M - 1) * K + q * 8;
+    xdst[j] = row * 256 + xs_unit(row, q) * 16;
   }
 #pragma unroll
   for (int w = 0; w < 4; ++w) xoff[w] = g * 256 + xs_unit(g, t * 4 + w) * 16;
@@ -228,16 +213,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
       for (int w = 0; w < 4; ++w) xv[n][w] = *reinterpret_cast<const uint4*>(st + n * 8 * 256 + xoff[w]);
   };
-#pragma unroll
-  for (int i = 0; i < STAGES - 1; ++i) {
-    if (c_begin + i < c_end) issue(c_begin + i, i);
-    cp_commit();
-  }
-  // programmatic dependent launch: everything above touches only the weights (never written by the
-  // previous kernel); activations and the workspace are touched only after the previous grid is done
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
-  int stage = 0;
+  float acc[RT][NT][4];
   // the ring stage's weights and scales times activations xv, into acc
   auto compute = [&](const uint8_t* st, const uint4 (&xv)[NT][4]) {
     uint4 wv[RT][2];
@@ -271,123 +247,160 @@ __global__ void __launch_bounds__(WARPS * 32)
       }
     }
   };
-  if constexpr (XS) {
-    // chunk c: wait for it, one barrier (its data visible to all warps, and every warp done with c-1,
-    // whose slot takes c+STAGES-1), refill, multiply
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i)
-      if (c_begin + i < c_end) issue_x(c_begin + i, i);
-    cp_commit();
-    for (int c = c_begin; c < c_end; ++c) {
-      if (c == c_begin) cp_wait<0>();
-      else cp_wait<STAGES - 2>();
-      __syncthreads();
-      {
-        int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
-        if (cn < c_end) {
-          issue(cn, sn);
-          issue_x(cn, sn);
-        }
-        cp_commit();
-      }
-      uint4 xv[NT][4];
-      read_x(xv, stage);
-      compute(ring + stage * STAGE, xv);
-      stage = stage == STAGES - 1 ? 0 : stage + 1;
-    }
-  } else {
-    // one chunk: refill the ring, prefetch the next chunk's activations into xn, multiply with xv
-    auto step = [&](int c, const uint4 (&xv)[NT][4], uint4 (&xn)[NT][4]) {
-      {
-        int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
-        if (cn < c_end) issue(cn, sn);
-        cp_commit();
-      }
-      if (c + 1 < c_end) load_x(xn, c + 1);
-      cp_wait<STAGES - 1>();
-      __syncwarp();
-      const uint8_t* st = ring + stage * STAGE;
-      stage = stage == STAGES - 1 ? 0 : stage + 1;
-      compute(st, xv);
-    };
-    uint4 xa[NT][4], xb[NT][4];
-    load_x(xa, c_begin);
-    int c = c_begin;
-    for (; c + 1 < c_end; c += 2) {  // two chunks per trip: the activation buffers swap roles, no copies
-      step(c, xa, xb);
-      step(c + 1, xb, xa);
-    }
-    if (c < c_end) step(c, xa, xb);
-  }
-  cp_wait<0>();
 
-  const float f = 128.0f / __ldg(gscale);
-  // acc[r][n]: {row g, tok 2t}, {row g, tok 2t+1}, {row g+8, tok 2t}, {row g+8, tok 2t+1}
-  if (splits == 1) {
+  bool first = true;
+  while (u < u_end) {  // one segment: row block rb, chunks [c_begin, c_end)
+    const int rb = (int)(u / chunks), c_begin = (int)(u % chunks);
+    const int c_end = (int)min((long long)chunks, c_begin + (u_end - u));
+    u += c_end - c_begin;
+    const int row_block = rb * ROWS_PER_CTA;
+    const int row_warp = row_block + warp * RT * 16;
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      int tile = min((row_warp + r * 16) / 16, tiles - 1);
+      wp[r] = tiled + (size_t)tile * chunks * TILE_BYTES;
+    }
+#pragma unroll
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[r][n][i] = 0.f;
+    if (!first) __syncthreads();  // every warp is done with the last segment's activation ring and s_last
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      if (c_begin + i < c_end) issue(c_begin + i, i);
+      cp_commit();
+    }
+    if (first) {
+      // programmatic dependent launch: everything above touches only the weights (never written by the
+      // previous kernel); activations and the workspace are touched only after the previous grid is done
+      asm volatile("griddepcontrol.wait;" ::: "memory");
+      asm volatile("griddepcontrol.launch_dependents;");
+      first = false;
+    }
+    int stage = 0;
+    if constexpr (XS) {
+      // chunk c: wait for it, one barrier (its data visible to all warps, and every warp done with c-1,
+      // whose slot takes c+STAGES-1), refill, multiply
+#pragma unroll
+      for (int i = 0; i < STAGES - 1; ++i)
+        if (c_begin + i < c_end) issue_x(c_begin + i, i);
+      cp_commit();
+      for (int c = c_begin; c < c_end; ++c) {
+        if (c == c_begin) cp_wait<0>();
+        else cp_wait<STAGES - 2>();
+        __syncthreads();
+        {
+          int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
+          if (cn < c_end) {
+            issue(cn, sn);
+            issue_x(cn, sn);
+          }
+          cp_commit();
+        }
+        uint4 xv[NT][4];
+        read_x(xv, stage);
+        compute(ring + stage * STAGE, xv);
+        stage = stage == STAGES - 1 ? 0 : stage + 1;
+      }
+    } else {
+      // one chunk: refill the ring, prefetch the next chunk's activations into xn, multiply with xv
+      auto step = [&](int c, const uint4 (&xv)[NT][4], uint4 (&xn)[NT][4]) {
+        {
+          int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
+          if (cn < c_end) issue(cn, sn);
+          cp_commit();
+        }
+        if (c + 1 < c_end) load_x(xn, c + 1);
+        cp_wait<STAGES - 1>();
+        __syncwarp();
+        const uint8_t* st = ring + stage * STAGE;
+        stage = stage == STAGES - 1 ? 0 : stage + 1;
+        compute(st, xv);
+      };
+      uint4 xa[NT][4], xb[NT][4];
+      load_x(xa, c_begin);
+      int c = c_begin;
+      for (; c + 1 < c_end; c += 2) {  // two chunks per trip: the activation buffers swap roles, no copies
+        step(c, xa, xb);
+        step(c + 1, xb, xa);
+      }
+      if (c < c_end) step(c, xa, xb);
+    }
+    cp_wait<0>();
+
+    const float f = 128.0f / __ldg(gscale);
+    // acc[r][n]: {row g, tok 2t}, {row g, tok 2t+1}, {row g+8, tok 2t}, {row g+8, tok 2t+1}
+    if (c_begin == 0 && c_end == chunks) {  // the whole row block: store
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          int row = row_warp + r * 16 + g + h * 8;
+          if (row >= N) continue;
+          float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              int tok = n * 8 + 2 * t + j;
+              if (tok < M) store_out<BF16>(out, (size_t)tok * N + row, acc[r][n][h * 2 + j] * f + bv);
+            }
+        }
+      continue;
+    }
+
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         int row = row_warp + r * 16 + g + h * 8;
         if (row >= N) continue;
-        float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            int tok = n * 8 + 2 * t + j;
-            if (tok < M) store_out<BF16>(out, (size_t)tok * N + row, acc[r][n][h * 2 + j] * f + bv);
+        for (int n = 0; n < NT; ++n) {
+          int tok = n * 8 + 2 * t;
+          if (tok < M) {
+            float* dst = work + (size_t)row * WS_LD + tok;
+            asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(acc[r][n][h * 2]),
+                         "f"(acc[r][n][h * 2 + 1])
+                         : "memory");
           }
-      }
-    return;
-  }
-
-#pragma unroll
-  for (int r = 0; r < RT; ++r)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      int row = row_warp + r * 16 + g + h * 8;
-      if (row >= N) continue;
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        int tok = n * 8 + 2 * t;
-        if (tok < M) {
-          float* dst = work + (size_t)row * WS_LD + tok;
-          asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(dst), "f"(acc[r][n][h * 2]),
-                       "f"(acc[r][n][h * 2 + 1])
-                       : "memory");
         }
       }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int done = c_end - c_begin;
+      s_last = atomicAdd(&counters[rb], done) + done == chunks;
     }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) s_last = atomicAdd(&counters[blockIdx.x], 1) == splits - 1;
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  // one row per thread: its <= 16 sums in four vector loads issued together (a loop of scalar loads paid
-  // one L2 round trip per token: ~8 us at M = 16), then zeroed (slot M of an odd M got a pad-row sum too)
-  for (int i = threadIdx.x; i < ROWS_PER_CTA; i += blockDim.x) {
-    int row = row_block + i;
-    if (row >= N) break;
-    float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
-    float4* src = reinterpret_cast<float4*>(work + (size_t)row * WS_LD);
-    float4 v[WS_LD / 4];
+    __syncthreads();
+    if (!s_last) continue;
+    __threadfence();
+    // one row per thread: its <= 16 sums in four vector loads issued together (a loop of scalar loads paid
+    // one L2 round trip per token: ~8 us at M = 16), then zeroed (slot M of an odd M got a pad-row sum too)
+    for (int i = threadIdx.x; i < ROWS_PER_CTA; i += blockDim.x) {
+      int row = row_block + i;
+      if (row >= N) break;
+      float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
+      float4* src = reinterpret_cast<float4*>(work + (size_t)row * WS_LD);
+      float4 v[WS_LD / 4];
 #pragma unroll
-    for (int q = 0; q < WS_LD / 4; ++q)
-      if (q * 4 < M) v[q] = __ldcg(src + q);
+      for (int q = 0; q < WS_LD / 4; ++q)
+        if (q * 4 < M) v[q] = __ldcg(src + q);
 #pragma unroll
-    for (int q = 0; q < WS_LD / 4; ++q)
-      if (q * 4 <= M) __stcg(src + q, make_float4(0.f, 0.f, 0.f, 0.f));
+      for (int q = 0; q < WS_LD / 4; ++q)
+        if (q * 4 <= M) __stcg(src + q, make_float4(0.f, 0.f, 0.f, 0.f));
 #pragma unroll
-    for (int m = 0; m < WS_LD; ++m)
-      if (m < M) store_out<BF16>(out, (size_t)m * N + row, (&v[m >> 2].x)[m & 3] * f + bv);
+      for (int m = 0; m < WS_LD; ++m)
+        if (m < M) store_out<BF16>(out, (size_t)m * N + row, (&v[m >> 2].x)[m & 3] * f + bv);
+    }
+    if (threadIdx.x == 0) counters[rb] = 0;
   }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
 template <bool BF16, int NT, int STAGES, int RT, bool XS = false>
-int launch(int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
+int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
            const void* bias, void* out, float* work, int* counters, int M, int N, int K) {
   constexpr int rows = WARPS * RT * 16;
   constexpr int smem = WARPS * STAGES * RT * 16 * (64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0);
@@ -402,7 +415,8 @@ int launch(int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t
       if (dev < 64) configured[dev] = true;
     }
   }
-  dim3 grid((N + rows - 1) / rows, splits);
+  if ((!work || !counters) && ctas != (N + rows - 1) / rows) return (int)cudaErrorInvalidValue;
+  dim3 grid(ctas);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(WARPS * 32);
@@ -420,16 +434,16 @@ int launch(int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t
 // variant: 0 = 2 row tiles per warp, 4 stages; 1 = 2 tiles, 6 stages; 2 = 1 tile, 4 stages; 3 = 1 tile, 8 stages;
 // 4 / 5 = 2 / 1 tiles, 4 stages, activations through a CTA-wide shared-memory ring (XS); 6 = 4 with 8 stages
 template <bool BF16, int NT>
-int launch_variant(int variant, int splits, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
+int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
                    const void* bias, void* out, float* work, int* cnt, int M, int N, int K) {
   switch (variant) {
-    case 1: return launch<BF16, NT, 6, 2>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 2: return launch<BF16, NT, 4, 1>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 3: return launch<BF16, NT, 8, 1>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 4: return launch<BF16, NT, 4, 2, true>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 5: return launch<BF16, NT, 4, 1, true>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 6: return launch<BF16, NT, 8, 2, true>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    default: return launch<BF16, NT, 4, 2>(splits, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 1: return launch<BF16, NT, 6, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 2: return launch<BF16, NT, 4, 1>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 3: return launch<BF16, NT, 8, 1>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 4: return launch<BF16, NT, 4, 2, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 5: return launch<BF16, NT, 4, 1, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 6: return launch<BF16, NT, 8, 2, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    default: return launch<BF16, NT, 4, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
   }
 }
 
@@ -439,20 +453,21 @@ extern "C" {
 
 // y[M, N] = x[M, K] @ W^T (+ bias) with W in the tiled layout of fp4reason.kernels.cuda.tile_nvfp4.
 // pdl = 1 launches with programmatic stream serialization (overlaps this kernel's weight prefetch
-// with the previous kernel's tail). Returns a cudaError_t (0 = launched). splits > 1 needs work (>= N*16 floats, zeroed) and
-// counters (>= ceil(N/64) ints, zeroed); both are left zeroed after the kernel.
+// with the previous kernel's tail). ctas: the grid (the kernel's work split, see the top); any count other
+// than one CTA per row block needs work (>= N*16 floats, zeroed) and counters (>= ceil(N/64) ints, zeroed),
+// both left zeroed after the kernel. Returns a cudaError_t (0 = launched).
 int fp4r_nvfp4_gemv(const void* x, const void* tiled, const float* gscale, const void* bias, void* out,
-                    float* work, int* counters, int M, int N, int K, int splits, int bf16, int variant,
+                    float* work, int* counters, int M, int N, int K, int ctas, int bf16, int variant,
                     int pdl, void* stream) {
-  if (M < 1 || M > 16 || N < 1 || K % CHUNK || splits < 1) return (int)cudaErrorInvalidValue;
+  if (M < 1 || M > 16 || N < 1 || K % CHUNK || ctas < 1) return (int)cudaErrorInvalidValue;
   cudaStream_t s = (cudaStream_t)stream;
   auto xp = (const uint16_t*)x;
   auto tp = (const uint8_t*)tiled;
   if (bf16) {
-    if (M <= 8) return launch_variant<true, 1>(variant, splits, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
-    return launch_variant<true, 2>(variant, splits, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+    if (M <= 8) return launch_variant<true, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+    return launch_variant<true, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
   }
-  if (M <= 8) return launch_variant<false, 1>(variant, splits, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
-  return launch_variant<false, 2>(variant, splits, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+  if (M <= 8) return launch_variant<false, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+  return launch_variant<false, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
 }
 }
