@@ -27,7 +27,7 @@ for s in $stages; do
     recheck) step gpu_recheck 150 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              -k "cuda_graphs or torch_compile" tests/test_kernels.py tests/test_engine.py ;;
     sampler) step sampler_overhead 120 python3 benchmarks/sampler_overhead.py --device cuda --out "$OUT/sampler_overhead_gpu.json" ;;
-    fakequant) step fakequant_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_fakequant_triton.py
+    fakequant) step fakequant_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_fakequant_triton.py tests/test_norm_act_triton.py
              step fakequant_bench 120 python3 benchmarks/fakequant_bench.py --out "$OUT/fakequant_bench.json" ;;
     qat) step qat_throughput 240 python3 benchmarks/qat_throughput.py ${QAT_MODES:+--modes "$QAT_MODES"} \
            ${QAT_PROFILE:+--profile} --out "$OUT/qat_throughput.json" ;;

@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from fp4reason.kernels.cuda import pdl_enabled
+
 try:
     import triton
     import triton.language as tl
@@ -186,18 +188,6 @@ def available(device: torch.device | str) -> str | None:
     if kind not in ("cpu", "cuda"):
         return f"attn='triton' runs on CUDA (or the CPU interpreter), not on {kind}"
     return None
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Programmatic dependent launch for the kernels on ``device`` (Hopper and newer, not the interpreter,
-    ``FP4REASON_PDL_OPS`` unset or 1): each kernel waits for the previous grid before its first read and then
-    lets the next kernel launch, so an NVFP4 projection after it streams its first weights meanwhile."""
-    return (
-        device.type == "cuda"
-        and not interpreted()
-        and os.environ.get("FP4REASON_PDL_OPS", "1") == "1"
-        and torch.cuda.get_device_capability(device)[0] >= 9
-    )
 
 
 @functools.cache

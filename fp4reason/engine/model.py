@@ -146,13 +146,41 @@ def _compiled(fn: Callable) -> Callable:
     return _COMPILED[fn.__name__]
 
 
+def _act_kernels(ops: "Ops") -> None:
+    """On CUDA, W4A4's folded input quantizations run as the one-launch Triton kernels of
+    ``fp4reason.kernels.norm_act`` / ``fakequant`` (exact NVFP4, PDL) instead of inductor's split kernels."""
+    try:
+        from fp4reason.kernels import fakequant, norm_act
+        from fp4reason.kernels.cuda import pdl_enabled
+    except ImportError:  # no triton: the compiled torch versions
+        return
+    norm_slow, silu_slow, act_slow = ops.norm_act, ops.silu_mul_act, ops.act_nvfp4
+
+    def fast(x: torch.Tensor, gs) -> bool:
+        return x.is_cuda and gs is not None and x.dtype in (torch.bfloat16, torch.float16)
+
+    def norm_act_(x, delta, weight, eps: float, gs):
+        if fast(x, gs) and weight.dtype == x.dtype:
+            return norm_act.rms_norm_act(x, delta, weight, eps, gs)
+        return norm_slow(x, delta, weight, eps, gs)
+
+    def silu_mul_act_(gate_up, gs):
+        return norm_act.silu_mul_act(gate_up, gs) if fast(gate_up, gs) else silu_slow(gate_up, gs)
+
+    def act_nvfp4_(x, gs):
+        return fakequant.qdq_nvfp4(x, gs, pdl=pdl_enabled(x.device)) if fast(x, gs) else act_slow(x, gs)
+
+    ops.norm_act, ops.silu_mul_act, ops.act_nvfp4 = norm_act_, silu_mul_act_, act_nvfp4_
+
+
 class Ops:
     """The pointwise pieces of a layer; ``compiled=True`` uses torch.compile'd versions (GPU decode).
 
     Only tensor arguments cross these functions, so one compiled graph serves every layer; the
     projections and attention stay outside and run as their own kernels (captured by the CUDA graph).
     ``fold_act`` (default: with ``compiled``): NVFP4 W4A4 projections get their input already quantized
-    by the norm or silu*mul before them (``norm_act``, ``silu_mul_act``) instead of by a kernel of its own.
+    by the norm or silu*mul before them (``norm_act``, ``silu_mul_act``) instead of by a kernel of its own;
+    compiled on CUDA these are hand-written Triton kernels (``_act_kernels``).
     """
 
     def __init__(self, compiled: bool = False, fold_act: bool | None = None) -> None:
@@ -163,6 +191,8 @@ class Ops:
             wrap, (_rms_norm, _add_rms_norm, _qkv_heads, _silu_mul, _kv4, _attn_math)
         )
         self.act_nvfp4, self.norm_act, self.silu_mul_act = map(wrap, (_act_nvfp4, _norm_act, _silu_mul_act))
+        if compiled:
+            _act_kernels(self)
 
 
 def _fp4_weight(m: nn.Module):

@@ -110,6 +110,18 @@ def available() -> bool:
     return True
 
 
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch for our Triton kernels on ``device`` (Hopper and newer, not the Triton
+    interpreter, ``FP4REASON_PDL_OPS`` unset or 1): each waits for the previous grid before its first read,
+    then lets the next kernel launch, so an NVFP4 projection after it streams its first weights meanwhile."""
+    return (
+        device.type == "cuda"
+        and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")
+        and os.environ.get("FP4REASON_PDL_OPS", "1") == "1"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
 @functools.cache
 def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -45,7 +45,7 @@ def interpreted() -> bool:
 
 
 @triton.jit
-def _load_f32(ptr, idx, mask, IN_BF16: tl.constexpr):
+def load_f32(ptr, idx, mask, IN_BF16: tl.constexpr):
     if IN_BF16:  # bf16 bits << 16 are its float32 bits (the interpreter's bf16 cast is not exact)
         h = tl.load(ptr + idx, mask=mask, other=0)
         x = ((h.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
@@ -55,13 +55,24 @@ def _load_f32(ptr, idx, mask, IN_BF16: tl.constexpr):
 
 
 @triton.jit
-def _store(ptr, idx, y, mask, OUT_BF16: tl.constexpr):
-    if OUT_BF16:  # float32 -> bfloat16 round-to-nearest-even on the bits (c10's formula); NaN -> 0x7FC0
-        u = y.to(tl.int32, bitcast=True)
-        a = u & 0x7FFFFFFF
-        r = (a + 0x7FFF + ((a >> 16) & 1)) >> 16
-        r = tl.where(a > 0x7F800000, 0x7FC0, r) | ((u >> 16) & 0x8000)
-        tl.store(ptr + idx, r.to(tl.int16), mask=mask)
+def bf16_bits(y):
+    """float32 -> bfloat16 bits (low 16 of an int32), nearest-even as c10 rounds; NaN -> 0x7FC0."""
+    u = y.to(tl.int32, bitcast=True)
+    a = u & 0x7FFFFFFF
+    r = (a + 0x7FFF + ((a >> 16) & 1)) >> 16
+    return tl.where(a > 0x7F800000, 0x7FC0, r) | ((u >> 16) & 0x8000)
+
+
+@triton.jit
+def round_bf16(y):
+    """float32 rounded to the nearest bfloat16 value, as float32 (what ``.to(bfloat16).float()`` gives)."""
+    return (bf16_bits(y) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def store_as(ptr, idx, y, mask, OUT_BF16: tl.constexpr):
+    if OUT_BF16:  # on the bits: the interpreter's float32 -> bfloat16 cast truncates
+        tl.store(ptr + idx, bf16_bits(y).to(tl.int16), mask=mask)
     else:
         tl.store(ptr + idx, y.to(ptr.dtype.element_ty), mask=mask)
 
@@ -113,25 +124,46 @@ def _absmax_partials(x_ptr, part_ptr, n, NP, BLOCK: tl.constexpr, ITERS: tl.cons
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     for i in range(ITERS):
         idx = (p * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
-        acc = tl.maximum(acc, _abs_bits(_load_f32(base, idx, idx < n, IN_BF16)))
+        acc = tl.maximum(acc, _abs_bits(load_f32(base, idx, idx < n, IN_BF16)))
     tl.store(part_ptr + grp * NP + p, tl.max(acc, axis=0))
+
+
+@triton.jit
+def qdq_nvfp4_blocks(x, g, RECIP: tl.constexpr):
+    """NVFP4 quantize-dequantize of float32 blocks ``x`` [B, 16] with tensor scale ``g`` (formats.nvfp4's
+    ``_quantize_blocks``, op for op; ``RECIP``: divide by 6 as torch does on CUDA). For other kernels too."""
+    bam = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)  # block amax, NaN-propagating
+    if RECIP:
+        t = bam * _INV_E2M1_MAX
+    else:
+        t = tl.math.div_rn(bam, 6.0)
+    s = _e4m3(_clamp(t * g, -448.0, 448.0))
+    step = tl.math.div_rn(tl.where(s == 0.0, 0.125, s), g)
+    v = _clamp(tl.math.div_rn(x, step[:, None]), -6.0, 6.0)
+    a = tl.abs(v)
+    grid = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))  # E2M1 spacing
+    inv = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))  # a * inv == a / grid exactly
+    return (_sign(v) * (_rint(a * inv) * grid)) * step[:, None]
 
 
 @triton.jit
 def _qdq_kernel(
     x_ptr, y_ptr, part_ptr, gs_ptr, n, NP,
     TB: tl.constexpr, NPB: tl.constexpr, KV4: tl.constexpr, STATIC: tl.constexpr, RECIP: tl.constexpr,
-    IN_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
+    IN_BF16: tl.constexpr, OUT_BF16: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # static scale only: nothing before this kernel in the call
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     grp = tl.program_id(1)
     rows = pid * TB + tl.arange(0, TB)
     idx = rows[:, None] * 16 + tl.arange(0, 16)[None, :]
     mask = idx < n
     off = grp.to(tl.int64) * n
-    x = _load_f32(x_ptr + off, idx, mask, IN_BF16)
-    bam = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)  # block amax, NaN-propagating
+    x = load_f32(x_ptr + off, idx, mask, IN_BF16)
     if KV4:  # formats.kv4.qdq_kv4
+        bam = tl.max(_abs_bits(x), axis=1).to(tl.float32, bitcast=True)  # block amax, NaN-propagating
         amax = _group_amax(part_ptr, grp, NP, NPB)
         if RECIP:
             g = amax * _INV_KV_G
@@ -150,21 +182,11 @@ def _qdq_kernel(
             amax = _group_amax(part_ptr, grp, NP, NPB)
             g = tl.math.div_rn(1.0, tl.where(amax < _TINY, _TINY, amax)) * 2688.0
             g = tl.where((g != g) | (tl.abs(g) == float("inf")), 1.0, g)
-        if RECIP:
-            t = bam * _INV_E2M1_MAX
-        else:
-            t = tl.math.div_rn(bam, 6.0)
-        s = _e4m3(_clamp(t * g, -448.0, 448.0))
-        step = tl.math.div_rn(tl.where(s == 0.0, 0.125, s), g)
-        v = _clamp(tl.math.div_rn(x, step[:, None]), -6.0, 6.0)
-        a = tl.abs(v)
-        grid = tl.where(a < 2.0, 0.5, tl.where(a < 4.0, 1.0, 2.0))  # E2M1 spacing
-        inv = tl.where(a < 2.0, 2.0, tl.where(a < 4.0, 1.0, 0.5))  # a * inv == a / grid exactly
-        y = (_sign(v) * (_rint(a * inv) * grid)) * step[:, None]
-    _store(y_ptr + off, idx, y, mask, OUT_BF16)
+        y = qdq_nvfp4_blocks(x, g, RECIP)
+    store_as(y_ptr + off, idx, y, mask, OUT_BF16)
 
 
-def _check_device(x: torch.Tensor) -> None:
+def check_device(x: torch.Tensor) -> None:
     if x.device.type == "cuda" or (x.device.type == "cpu" and interpreted()):
         return
     raise RuntimeError(
@@ -173,15 +195,23 @@ def _check_device(x: torch.Tensor) -> None:
     )
 
 
-def _bits_view(t: torch.Tensor) -> torch.Tensor:
+def bits_view(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
 
 
-def _qdq(x: torch.Tensor, groups: int, *, kv4: bool = False, global_scale: torch.Tensor | None = None):
-    """Quantize-dequantize contiguous ``x`` viewed as ``groups`` equal parts, each its own tensor scale."""
+def _qdq(
+    x: torch.Tensor,
+    groups: int,
+    *,
+    kv4: bool = False,
+    global_scale: torch.Tensor | None = None,
+    pdl: bool = False,
+):
+    """Quantize-dequantize contiguous ``x`` viewed as ``groups`` equal parts, each its own tensor scale
+    (``pdl``: programmatic dependent launch, static ``global_scale`` only)."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"Triton fake quantization supports float32/bfloat16/float16, got {x.dtype}")
-    _check_device(x)
+    check_device(x)
     x = x.contiguous()
     y = torch.empty_like(x)
     n = x.numel() // groups if groups else 0
@@ -199,24 +229,28 @@ def _qdq(x: torch.Tensor, groups: int, *, kv4: bool = False, global_scale: torch
         n_part = triton.cdiv(n, iters * AMAX_BLOCK)
         parts = torch.empty(groups * n_part, dtype=torch.int32, device=x.device)
         _absmax_partials[(n_part, groups)](
-            _bits_view(x), parts, n, n_part, BLOCK=AMAX_BLOCK, ITERS=iters, IN_BF16=bf16, num_warps=8
+            bits_view(x), parts, n, n_part, BLOCK=AMAX_BLOCK, ITERS=iters, IN_BF16=bf16, num_warps=8
         )
         gs = parts  # unused
     else:
         gs = global_scale.to(device=x.device, dtype=torch.float32).reshape(1)
         parts, n_part = gs, 1  # unused
     _qdq_kernel[(triton.cdiv(n // BLOCK_SIZE, TILE_BLOCKS), groups)](
-        _bits_view(x), _bits_view(y), parts, gs, n, n_part,
+        bits_view(x), bits_view(y), parts, gs, n, n_part,
         TB=TILE_BLOCKS, NPB=max(16, triton.next_power_of_2(n_part)), KV4=kv4, STATIC=global_scale is not None,
-        RECIP=recip, IN_BF16=bf16, OUT_BF16=bf16, num_warps=4, enable_fp_fusion=False,
+        RECIP=recip, IN_BF16=bf16, OUT_BF16=bf16, PDL=pdl and global_scale is not None, num_warps=4,
+        launch_pdl=pdl and global_scale is not None, enable_fp_fusion=False,
     )  # fmt: skip
     return y
 
 
-def qdq_nvfp4(x: torch.Tensor, global_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``fp4reason.formats.qdq_nvfp4`` (static ``global_scale`` if given, else dynamic), bit for bit."""
+def qdq_nvfp4(
+    x: torch.Tensor, global_scale: torch.Tensor | None = None, *, pdl: bool = False
+) -> torch.Tensor:
+    """``fp4reason.formats.qdq_nvfp4`` (static ``global_scale`` if given, else dynamic), bit for bit.
+    ``pdl``: launch with programmatic dependent launch (Hopper+, static scale; the decode engine)."""
     _check_blocks(x, BLOCK_SIZE, "input")
-    return _qdq(x, 1, global_scale=global_scale)
+    return _qdq(x, 1, global_scale=global_scale, pdl=pdl)
 
 
 def qdq_nvfp4_stacked(w: torch.Tensor) -> torch.Tensor:
