@@ -53,8 +53,8 @@ def gscale(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_matches_float64(dtype):
     torch.manual_seed(0)
-    x = (torch.randn(3, 2, 512) * 3).to(dtype).to(DEV)
-    w = (1 + 0.1 * torch.randn(512)).to(dtype).to(DEV)
+    x = (torch.randn(3, 2, 16 * 129) * 3).to(dtype).to(DEV)  # 5 programs per row, the last partly masked
+    w = (1 + 0.1 * torch.randn(16 * 129)).to(dtype).to(DEV)
     xo, y = norm_act.rms_norm_act(x, None, w, 1e-6)
     assert xo is x and y.shape == x.shape and y.dtype == dtype
     assert_close_ulp(y, rms64(x, w, 1e-6), dtype)
@@ -121,6 +121,9 @@ def test_compiled_engine_ops_use_the_kernels():
     _, plain = m._add_rms_norm(x, delta, w, 1e-6)
     ref = formats.qdq_nvfp4(plain, torch.tensor([50.0], device=DEV))
     assert (h == ref).float().mean() > 0.99
+    assert torch.equal(ops.add_rms_norm(x, delta, w, 1e-6)[1], norm_act.rms_norm_act(x, delta, w, 1e-6)[1])
+    assert torch.equal(ops.rms_norm(x, w, 1e-6), norm_act.rms_norm_act(x, None, w, 1e-6)[1])
     gu = torch.randn(4, 1, 2 * 12288, device=DEV).bfloat16()
+    assert torch.equal(ops.silu_mul(gu), norm_act.silu_mul_act(gu))
     assert torch.equal(ops.silu_mul_act(gu, torch.tensor([20.0], device=DEV)),
                        norm_act.silu_mul_act(gu, torch.tensor([20.0], device=DEV)))  # fmt: skip

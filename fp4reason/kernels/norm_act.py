@@ -27,6 +27,9 @@ from fp4reason.kernels.fakequant import (
 )
 
 SILU_TILE = 2048  # elements of one row per silu program
+NORM_TILE = (
+    512  # elements of one row each norm program normalizes (it reads the whole row for the statistics)
+)
 
 
 @triton.jit
@@ -39,9 +42,11 @@ def _round(x, BF16: tl.constexpr):
 @triton.jit
 def _rms_norm_act(
     X, DELTA, W, XO, Y, GS, eps, H,
-    NB: tl.constexpr, HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, RECIP: tl.constexpr,
+    NB: tl.constexpr, TB: tl.constexpr, HAS_DELTA: tl.constexpr, QUANT: tl.constexpr, RECIP: tl.constexpr,
     BF16: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    """Program (row, t): the row's statistics from the whole row (every program of the row sums the same
+    way, so all agree), then its own TB blocks of 16: a row is spread over several SMs, not one."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -51,10 +56,14 @@ def _rms_norm_act(
     x = load_f32(X + off, idx, mask, BF16)
     if HAS_DELTA:
         x = _round(x + load_f32(DELTA + off, idx, mask, BF16), BF16)
+    rinv = tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(tl.sum(x * x), H.to(tl.float32)) + eps))
+    idx = tl.program_id(1) * TB * 16 + tl.arange(0, TB)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    mask = idx < H
+    x = load_f32(X + off, idx, mask, BF16)
+    if HAS_DELTA:
+        x = _round(x + load_f32(DELTA + off, idx, mask, BF16), BF16)
         store_as(XO + off, idx, x, mask, BF16)
-    var = tl.math.div_rn(tl.sum(x * x), H.to(tl.float32))
-    h = _round(x * tl.math.div_rn(1.0, tl.sqrt_rn(var + eps)), BF16)
-    h = _round(load_f32(W, idx, mask, BF16) * h, BF16)
+    h = _round(load_f32(W, idx, mask, BF16) * _round(x * rinv, BF16), BF16)
     if QUANT:
         h = _round(qdq_nvfp4_blocks(h, tl.load(GS), RECIP), BF16)
     store_as(Y + off, idx, h, mask, BF16)
@@ -112,12 +121,14 @@ def rms_norm_act(
     d = delta.contiguous() if delta is not None else x
     rows = x.numel() // h
     if rows:
-        _rms_norm_act[(rows,)](
+        nb = triton.next_power_of_2(h // 16)
+        tb = min(nb, NORM_TILE // 16)
+        _rms_norm_act[(rows, triton.cdiv(h // 16, tb))](
             bits_view(x), bits_view(d), bits_view(weight.contiguous()), bits_view(xo), bits_view(y),
             _scale(global_scale, x), float(eps), h,
-            NB=triton.next_power_of_2(h // 16), HAS_DELTA=delta is not None, QUANT=global_scale is not None,
+            NB=nb, TB=tb, HAS_DELTA=delta is not None, QUANT=global_scale is not None,
             RECIP=x.is_cuda, BF16=x.dtype == torch.bfloat16, PDL=pdl_enabled(x.device),
-            num_warps=8, launch_pdl=pdl_enabled(x.device), enable_fp_fusion=False,
+            num_warps=4, launch_pdl=pdl_enabled(x.device), enable_fp_fusion=False,
         )  # fmt: skip
     return xo, y
 
