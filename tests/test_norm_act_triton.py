@@ -121,9 +121,6 @@ def test_compiled_engine_ops_use_the_kernels():
     _, plain = m._add_rms_norm(x, delta, w, 1e-6)
     ref = formats.qdq_nvfp4(plain, torch.tensor([50.0], device=DEV))
     assert (h == ref).float().mean() > 0.99
-    assert torch.equal(ops.add_rms_norm(x, delta, w, 1e-6)[1], norm_act.rms_norm_act(x, delta, w, 1e-6)[1])
-    assert torch.equal(ops.rms_norm(x, w, 1e-6), norm_act.rms_norm_act(x, None, w, 1e-6)[1])
     gu = torch.randn(4, 1, 2 * 12288, device=DEV).bfloat16()
-    assert torch.equal(ops.silu_mul(gu), norm_act.silu_mul_act(gu))
     assert torch.equal(ops.silu_mul_act(gu, torch.tensor([20.0], device=DEV)),
                        norm_act.silu_mul_act(gu, torch.tensor([20.0], device=DEV)))  # fmt: skip

@@ -148,9 +148,8 @@ def _compiled(fn: Callable) -> Callable:
 
 def _act_kernels(ops: "Ops") -> None:
     """On CUDA, W4A4's folded input quantizations run as the one-launch Triton kernels of
-    ``fp4reason.kernels.norm_act`` / ``fakequant`` (exact NVFP4, PDL) instead of inductor's split kernels,
-    and so do every decode step's residual add + RMSNorms and silu * up (``FP4REASON_TRITON_NORM=0``:
-    inductor's).
+    ``fp4reason.kernels.norm_act`` / ``fakequant`` (exact NVFP4, PDL) instead of inductor's split kernels.
+    (Plain norms and silu * up stay inductor's: the Triton ones were no faster, benchmarks/NOTES.md v9.)
     """
     try:
         from fp4reason.kernels import fakequant, norm_act
@@ -172,36 +171,14 @@ def _act_kernels(ops: "Ops") -> None:
         return norm_slow(x, delta, weight, eps, gs)
 
     def silu_mul_act_(gate_up, gs):
-        return norm_act.silu_mul_act(gate_up, gs) if fast(gate_up, gs) else silu_slow(gate_up, gs)
+        if fast(gate_up, gs) and gate_up.shape[-1] % 32 == 0:
+            return norm_act.silu_mul_act(gate_up, gs)
+        return silu_slow(gate_up, gs)
 
     def act_nvfp4_(x, gs):
         return fakequant.qdq_nvfp4(x, gs, pdl=pdl_enabled(x.device)) if fast(x, gs) else act_slow(x, gs)
 
     ops.norm_act, ops.silu_mul_act, ops.act_nvfp4 = norm_act_, silu_mul_act_, act_nvfp4_
-    if os.environ.get("FP4REASON_TRITON_NORM", "1") != "1":
-        return
-    rms_slow, add_rms_slow = ops.rms_norm, ops.add_rms_norm
-
-    def rms_norm_(x, weight, eps: float):  # every decode step's norms (W4A16 and BF16 too)
-        if on_gpu(x, weight):
-            return norm_act.rms_norm_act(x, None, weight, eps)[1]
-        return rms_slow(x, weight, eps)
-
-    def add_rms_norm_(x, delta, weight, eps: float):
-        if on_gpu(x, weight):
-            return norm_act.rms_norm_act(x, delta, weight, eps)
-        return add_rms_slow(x, delta, weight, eps)
-
-    silu_plain_slow = ops.silu_mul
-
-    def silu_mul_(gate_up):
-        return (
-            norm_act.silu_mul_act(gate_up)
-            if on_gpu(gate_up) and gate_up.shape[-1] % 32 == 0
-            else silu_plain_slow(gate_up)
-        )
-
-    ops.rms_norm, ops.add_rms_norm, ops.silu_mul = rms_norm_, add_rms_norm_, silu_mul_
 
 
 class Ops:
