@@ -19,4 +19,4 @@ for n, k, m in CONFIGS:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     fk.nvfp4_linear_cuda(x, w)
     torch.cuda.synchronize()
-    print(f"N={n} K={k} M={m} variant={fk.variant_for(m)} ctas={fk.grid_ctas(m, n, k)}", flush=True)
+    print(f"N={n} K={k} M={m} variant={fk.variant_for(m, n)} ctas={fk.grid_ctas(m, n, k)}", flush=True)

@@ -175,7 +175,9 @@ def test_split_and_variant_dispatch(monkeypatch):
 
     monkeypatch.setattr(fk, "_sm_count", lambda device: 132)
     monkeypatch.setattr(fk, "_variant", None)
-    assert fk.variant_for(1) == fk.variant_for(16) == 4
+    assert fk.variant_for(1) == fk.variant_for(16) == fk.variant_for(16, 28672) == 4
+    assert fk.variant_for(1, 24576) == fk.variant_for(8, 28672) == 9  # >= 264 row blocks of 64 at M <= 8
+    assert fk.variant_for(1, 16000) == 4  # 250 row blocks of 64
     assert fk._ROWS_PER_CTA[0] == fk._ROWS_PER_CTA[4] == 128
     # worked by hand (132 SMs, 128-row CTAs; split only below one CTA per SM, then <= 528 CTAs, >= 4 chunks)
     assert fk.split_count(1, 28672, 4096) == 1  # 224 row blocks >= 132
@@ -191,7 +193,7 @@ def test_stream_k_grid(monkeypatch):
     from fp4reason.kernels import cuda as fk
 
     monkeypatch.setattr(fk, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(fk, "_variant", None)
+    monkeypatch.setattr(fk, "_variant", 4)
     monkeypatch.setattr(fk, "_ctas_per_sm", 4)
     # worked by hand: 128-row CTAs, units = row blocks x 128-k chunks, min(4 x 132, units // 4) CTAs
     assert fk.grid_ctas(1, 28672, 4096) == 528  # 224 x 32 units: 13.6 each (whole row blocks: 224 CTAs)
@@ -206,7 +208,9 @@ def test_stream_k_grid(monkeypatch):
     assert fk.grid_ctas(1, 28672, 4096) == 224
     assert fk.grid_ctas(1, 6144, 4096) == 384
     monkeypatch.setattr(fk, "_ctas_per_sm", None)  # default: split-K up to M = 8, stream-K above
-    assert fk.grid_ctas(8, 24576, 4096) == 192 and fk.grid_ctas(9, 24576, 4096) == 528
+    assert fk.grid_ctas(8, 6144, 4096) == 384 and fk.grid_ctas(9, 24576, 4096) == 528
+    monkeypatch.setattr(fk, "_variant", None)  # and variant 9 (64-row CTAs) for wide N at M <= 8
+    assert fk.grid_ctas(8, 24576, 4096) == 384 and fk.grid_ctas(1, 28672, 4096) == 448
 
 
 # ---------------------------------------------------------------- GPU: the Hopper kernel
@@ -274,7 +278,7 @@ def test_kernel_fp16_bias_and_splits(m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", list(range(7)))
+@pytest.mark.parametrize("variant", list(range(10)))
 def test_kernel_every_variant(monkeypatch, variant):
     """Each compiled variant (row tiles, stages, activations via registers or a shared ring), both dtypes,
     with and without split-K, every M, an N that is not a multiple of the CTA rows."""
@@ -294,17 +298,20 @@ def test_kernel_every_variant(monkeypatch, variant):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 5, 16])
-def test_kernel_any_grid(m):
+@pytest.mark.parametrize("variant", [4, 7])
+def test_kernel_any_grid(monkeypatch, m, variant):
     """Stream-K: any CTA count, so CTA ranges start and end inside row blocks, span several row blocks,
-    or are empty (more CTAs than units); the workspace is clean afterwards."""
+    or are empty (more CTAs than units); the workspace is clean afterwards. Variant 7 also splits each
+    range over its 4 warps (fewer chunks than warps included)."""
     from fp4reason.kernels import cuda as fk
 
-    n, k = 1000, 2048  # 8 row blocks x 16 chunks = 128 units
+    monkeypatch.setattr(fk, "_variant", variant)
+    n, k = 1000, 2048  # 8 row blocks of 128 (63 of 16) x 16 chunks = 128 (1008) units
     w = prepare_nvfp4(_gpu_weight(n, k, seed=m))
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     ref = _ref64(x, w, bias)
-    for ctas in (1, 3, 7, 8, 9, 33, 127, 128, 200):
+    for ctas in (1, 3, 7, 8, 9, 33, 127, 128, 200, 1100):
         y = _poisoned_call(lambda: fk.nvfp4_linear_cuda(x, w, bias, ctas=ctas), m, n, torch.bfloat16)  # noqa: B023
         assert _rel(y, ref) < 1e-2, (m, ctas)
     for work, counters in fk._workspaces.values():

@@ -42,10 +42,11 @@ MAX_M = 16
 _WS_ROWS = 1 << 17  # split-K is used for N up to this many rows
 # kernel variant (csrc launch_variant): 0/1/4/6 = 2 row tiles per warp (128 rows per CTA), 2/3/5 = 1
 # (64 rows); 4/5/6 stage the activations through a CTA-wide shared-memory ring instead of per-warp
-# registers (6: 8 stages).
-# None = variant 4 at every M (H100 sweeps of v6, benchmarks/NOTES.md).
+# registers (6: 8 stages); 7/8 = 16-row CTAs whose 4 warps split the k range (4/8 stages); 9 = 64 rows,
+# k split in two.
+# None = variant 9 for wide N at M <= 8, else 4 (variant_for; H100 sweeps, benchmarks/NOTES.md v6, v10).
 _variant: int | None = int(os.environ["FP4REASON_VARIANT"]) if "FP4REASON_VARIANT" in os.environ else None
-_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64, 6: 128}
+_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64, 6: 128, 7: 16, 8: 16, 9: 64}
 # programmatic dependent launch: None = on (v5 sweep: equal or faster on every 8B linear but Qwen3 gate_up at
 # M=16; v4, with more instructions per weight, had lost on the large ones)
 _pdl: int | None = int(os.environ["FP4REASON_PDL"]) if "FP4REASON_PDL" in os.environ else None
@@ -137,23 +138,26 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
             return None
         _workspaces[idx] = (
             torch.zeros(_WS_ROWS * 16, dtype=torch.float32, device=device),
-            torch.zeros(_WS_ROWS // 64, dtype=torch.int32, device=device),
+            torch.zeros(_WS_ROWS // 16, dtype=torch.int32, device=device),  # one per row block
         )
     return _workspaces[idx]
 
 
-def variant_for(m: int) -> int:
-    """Kernel variant: 4 (activations through the CTA's shared-memory ring, 128-row CTAs) at every M
-    (H100 sweeps, benchmarks/NOTES.md v6: faster than register activations on 4 of 6 shapes at M <= 4, tied
-    on gate_up, and on all at M >= 8)."""
-    return _variant if _variant is not None else 4
+def variant_for(m: int, n: int = 0, device: int = 0) -> int:
+    """Kernel variant: 9 (64-row CTAs, each row tile streamed by two warps splitting k) for M <= 8 when
+    N gives >= 2 such CTAs per SM without split-K (gate_up: 10 % faster than 4 at M = 1, H100 sweep,
+    benchmarks/NOTES.md v10); else 4 (activations through the CTA's shared-memory ring, 128-row CTAs;
+    NOTES v6)."""
+    if _variant is not None:
+        return _variant
+    return 9 if m <= 8 and n // 64 >= 2 * _sm_count(device) else 4
 
 
 def split_count(m: int, n: int, k: int, device: int = 0) -> int:
     """K-splits for an [m, k] x [n, k] call under the split-K policy (``_ctas_per_sm`` = 0): none when the
     row blocks alone give every SM a CTA; else the largest power of two that keeps the grid at or under 4
     CTAs per SM and every split at >= 4 chunks of 128 k (H100 sweep, benchmarks/NOTES.md v6)."""
-    row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m)])
+    row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m, n, device)])
     sms, chunks = _sm_count(device), k // CHUNK
     if row_blocks >= sms:
         return 1
@@ -168,7 +172,7 @@ def grid_ctas(m: int, n: int, k: int, device: int = 0, splits: int = 0) -> int:
     this many equal ranges (stream-K), so the count need not divide anything. ``splits`` > 0: classic
     split-K, row_blocks x splits. Else ``_ctas_per_sm`` CTAs per SM (default: 0 up to M = 8, else 4; at
     most one CTA per 4 units, so each streams >= 4 chunks), or the split-K policy when it is 0."""
-    row_blocks, chunks = -(-n // _ROWS_PER_CTA[variant_for(m)]), k // CHUNK
+    row_blocks, chunks = -(-n // _ROWS_PER_CTA[variant_for(m, n, device)]), k // CHUNK
     if splits > 0:
         return row_blocks * min(splits, chunks)
     per_sm = (0 if m <= 8 else 4) if _ctas_per_sm is None else _ctas_per_sm
@@ -291,7 +295,7 @@ def nvfp4_linear_op(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     ctas = grid if grid > 0 else grid_ctas(m, n, k, dev)
-    whole = -(-n // _ROWS_PER_CTA[variant_for(m)])  # one CTA per row block: needs no workspace
+    whole = -(-n // _ROWS_PER_CTA[variant_for(m, n, dev)])  # one CTA per row block: needs no workspace
     ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
     if ws is None:
         ctas = whole
@@ -309,7 +313,7 @@ def nvfp4_linear_op(
         k,
         ctas,
         int(x.dtype == torch.bfloat16),
-        variant_for(m),
+        variant_for(m, n, dev),
         1 if _pdl is None else _pdl,
         torch.cuda.current_stream(x.device).cuda_stream,
     )

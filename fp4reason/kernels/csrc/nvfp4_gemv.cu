@@ -123,7 +123,7 @@ __device__ __forceinline__ void store_out(void* p, size_t i, float v) {
 // quarter-warp (two rows x four t) read eight different bank groups.
 __device__ __forceinline__ int xs_unit(int row, int u) { return u ^ (((row & 1) << 1) | (u >> 3)); }
 
-template <bool BF16, int NT, int STAGES, int RT, bool XS>
+template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK>
 __global__ void __launch_bounds__(WARPS * 32)
     nvfp4_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ tiled,
                       const float* __restrict__ gscale,
@@ -148,8 +148,10 @@ __global__ void __launch_bounds__(WARPS * 32)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  constexpr int ROWS_PER_CTA = WARPS * RT * 16;
+  static_assert(WK == 1 || !XS, "warps splitting k read their own activations");
+  constexpr int ROWS_PER_CTA = WARPS / WK * RT * 16;
   const int chunks = K / CHUNK;
+  const int kw = warp % WK;  // this warp's share of each segment's chunks (WK warps per row tile)
   const int tiles = (N + 15) / 16;
   const int lane_id = threadIdx.x & 31;
   const long long units = (long long)((N + ROWS_PER_CTA - 1) / ROWS_PER_CTA) * chunks;
@@ -254,7 +256,8 @@ __global__ void __launch_bounds__(WARPS * 32)
     const int c_end = (int)min((long long)chunks, c_begin + (u_end - u));
     u += c_end - c_begin;
     const int row_block = rb * ROWS_PER_CTA;
-    const int row_warp = row_block + warp * RT * 16;
+    const int row_warp = row_block + warp / WK * RT * 16;
+    const int kb = c_begin + (c_end - c_begin) * kw / WK, ke = c_begin + (c_end - c_begin) * (kw + 1) / WK;
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       int tile = min((row_warp + r * 16) / 16, tiles - 1);
@@ -269,7 +272,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     if (!first) __syncthreads();  // every warp is done with the last segment's activation ring and s_last
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      if (c_begin + i < c_end) issue(c_begin + i, i);
+      if (kb + i < ke) issue(kb + i, i);
       cp_commit();
     }
     if (first) {
@@ -309,10 +312,10 @@ __global__ void __launch_bounds__(WARPS * 32)
       auto step = [&](int c, const uint4 (&xv)[NT][4], uint4 (&xn)[NT][4]) {
         {
           int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
-          if (cn < c_end) issue(cn, sn);
+          if (cn < ke) issue(cn, sn);
           cp_commit();
         }
-        if (c + 1 < c_end) load_x(xn, c + 1);
+        if (c + 1 < ke) load_x(xn, c + 1);
         cp_wait<STAGES - 1>();
         __syncwarp();
         const uint8_t* st = ring + stage * STAGE;
@@ -320,19 +323,43 @@ __global__ void __launch_bounds__(WARPS * 32)
         compute(st, xv);
       };
       uint4 xa[NT][4], xb[NT][4];
-      load_x(xa, c_begin);
-      int c = c_begin;
-      for (; c + 1 < c_end; c += 2) {  // two chunks per trip: the activation buffers swap roles, no copies
+      if (kb < ke) load_x(xa, kb);
+      int c = kb;
+      for (; c + 1 < ke; c += 2) {  // two chunks per trip: the activation buffers swap roles, no copies
         step(c, xa, xb);
         step(c + 1, xb, xa);
       }
-      if (c < c_end) step(c, xa, xb);
+      if (c < ke) step(c, xa, xb);
     }
     cp_wait<0>();
+    if constexpr (WK > 1) {  // the k-split warps of a row tile add their sums into warp kw = 0's
+      float* red = reinterpret_cast<float*>(dyn_smem + WARPS * STAGES * STAGE) +
+                   ((warp / WK) * (WK - 1) * 32 + lane_id) * (RT * NT * 4);
+      if (kw > 0) {
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) red[(kw - 1) * 32 * RT * NT * 4 + (r * NT + n) * 4 + i] = acc[r][n][i];
+      }
+      __syncthreads();
+      if (kw == 0) {
+#pragma unroll
+        for (int j = 0; j < WK - 1; ++j)
+#pragma unroll
+          for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) acc[r][n][i] += red[j * 32 * RT * NT * 4 + (r * NT + n) * 4 + i];
+      }
+    }
 
     const float f = 128.0f / __ldg(gscale);
     // acc[r][n]: {row g, tok 2t}, {row g, tok 2t+1}, {row g+8, tok 2t}, {row g+8, tok 2t+1}
     if (c_begin == 0 && c_end == chunks) {  // the whole row block: store
+      if (kw > 0) continue;
 #pragma unroll
       for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -356,7 +383,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         int row = row_warp + r * 16 + g + h * 8;
-        if (row >= N) continue;
+        if (row >= N || kw > 0) continue;
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
           int tok = n * 8 + 2 * t;
@@ -399,12 +426,13 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-template <bool BF16, int NT, int STAGES, int RT, bool XS = false>
+template <bool BF16, int NT, int STAGES, int RT, bool XS = false, int WK = 1>
 int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
            const void* bias, void* out, float* work, int* counters, int M, int N, int K) {
-  constexpr int rows = WARPS * RT * 16;
-  constexpr int smem = WARPS * STAGES * RT * 16 * (64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0);
-  auto kern = nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS>;
+  constexpr int rows = WARPS / WK * RT * 16;
+  constexpr int smem = WARPS * STAGES * RT * 16 * (64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0) +
+                       WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
+  auto kern = nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK>;
   if constexpr (smem > 48 * 1024) {
     static bool configured[64] = {};  // once per instantiation and device
     int dev = 0;
@@ -432,7 +460,9 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
 }
 
 // variant: 0 = 2 row tiles per warp, 4 stages; 1 = 2 tiles, 6 stages; 2 = 1 tile, 4 stages; 3 = 1 tile, 8 stages;
-// 4 / 5 = 2 / 1 tiles, 4 stages, activations through a CTA-wide shared-memory ring (XS); 6 = 4 with 8 stages
+// 4 / 5 = 2 / 1 tiles, 4 stages, activations through a CTA-wide shared-memory ring (XS); 6 = 4 with 8 stages;
+// 7 / 8 = 1 tile per CTA (16 rows), its 4 warps splitting each segment's chunks (in-CTA split-K through shared
+// memory), 4 / 8 stages; 9 = 2 tiles per warp pair (64 rows), k split in two
 template <bool BF16, int NT>
 int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
                    const void* bias, void* out, float* work, int* cnt, int M, int N, int K) {
@@ -443,6 +473,9 @@ int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_
     case 4: return launch<BF16, NT, 4, 2, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     case 5: return launch<BF16, NT, 4, 1, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     case 6: return launch<BF16, NT, 8, 2, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 7: return launch<BF16, NT, 4, 1, false, 4>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 8: return launch<BF16, NT, 8, 1, false, 4>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 9: return launch<BF16, NT, 4, 2, false, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
     default: return launch<BF16, NT, 4, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
   }
 }
@@ -454,7 +487,7 @@ extern "C" {
 // y[M, N] = x[M, K] @ W^T (+ bias) with W in the tiled layout of fp4reason.kernels.cuda.tile_nvfp4.
 // pdl = 1 launches with programmatic stream serialization (overlaps this kernel's weight prefetch
 // with the previous kernel's tail). ctas: the grid (the kernel's work split, see the top); any count other
-// than one CTA per row block needs work (>= N*16 floats, zeroed) and counters (>= ceil(N/64) ints, zeroed),
+// than one CTA per row block needs work (>= N*16 floats, zeroed) and counters (>= ceil(N/16) ints, zeroed),
 // both left zeroed after the kernel. Returns a cudaError_t (0 = launched).
 int fp4r_nvfp4_gemv(const void* x, const void* tiled, const float* gscale, const void* bias, void* out,
                     float* work, int* counters, int M, int N, int K, int ctas, int bf16, int variant,
