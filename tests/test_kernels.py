@@ -175,8 +175,9 @@ def test_split_and_variant_dispatch(monkeypatch):
 
     monkeypatch.setattr(fk, "_sm_count", lambda device: 132)
     monkeypatch.setattr(fk, "_variant", None)
-    assert fk.variant_for(1) == fk.variant_for(16) == fk.variant_for(16, 28672) == 4
+    assert fk.variant_for(1) == fk.variant_for(16) == fk.variant_for(16, 28672) == 4  # 448 > 3 x 132
     assert fk.variant_for(1, 24576) == fk.variant_for(8, 28672) == 9  # >= 264 row blocks of 64 at M <= 8
+    assert fk.variant_for(16, 24576) == 9  # 384 row blocks: one wave at 3 CTAs per SM
     assert fk.variant_for(1, 16000) == 4  # 250 row blocks of 64
     assert fk._ROWS_PER_CTA[0] == fk._ROWS_PER_CTA[4] == 128
     # worked by hand (132 SMs, 128-row CTAs; split only below one CTA per SM, then <= 528 CTAs, >= 4 chunks)
@@ -211,6 +212,7 @@ def test_stream_k_grid(monkeypatch):
     assert fk.grid_ctas(8, 6144, 4096) == 384 and fk.grid_ctas(9, 24576, 4096) == 528
     monkeypatch.setattr(fk, "_variant", None)  # and variant 9 (64-row CTAs) for wide N at M <= 8
     assert fk.grid_ctas(8, 24576, 4096) == 384 and fk.grid_ctas(1, 28672, 4096) == 448
+    assert fk.grid_ctas(16, 24576, 4096) == 384 and fk.grid_ctas(16, 28672, 4096) == 528
 
 
 # ---------------------------------------------------------------- GPU: the Hopper kernel

@@ -144,13 +144,14 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
 
 
 def variant_for(m: int, n: int = 0, device: int = 0) -> int:
-    """Kernel variant: 9 (64-row CTAs, each row tile streamed by two warps splitting k) for M <= 8 when
-    N gives >= 2 such CTAs per SM without split-K (gate_up: 10 % faster than 4 at M = 1, H100 sweep,
-    benchmarks/NOTES.md v10); else 4 (activations through the CTA's shared-memory ring, 128-row CTAs;
-    NOTES v6)."""
+    """Kernel variant: 9 (64-row CTAs, each row tile streamed by two warps splitting k) when N gives >= 2
+    such CTAs per SM without split-K, and above M = 8 (activations in registers: 3 CTAs per SM) only if
+    they fit one wave: gate_up, 10 % faster than 4 at M = 1 (H100 sweep, benchmarks/NOTES.md v10). Else 4
+    (activations through the CTA's shared-memory ring, 128-row CTAs; NOTES v6)."""
     if _variant is not None:
         return _variant
-    return 9 if m <= 8 and n // 64 >= 2 * _sm_count(device) else 4
+    blocks, sms = n // 64, _sm_count(device)
+    return 9 if blocks >= 2 * sms and (m <= 8 or blocks <= 3 * sms) else 4
 
 
 def split_count(m: int, n: int, k: int, device: int = 0) -> int:
@@ -170,12 +171,13 @@ def split_count(m: int, n: int, k: int, device: int = 0) -> int:
 def grid_ctas(m: int, n: int, k: int, device: int = 0, splits: int = 0) -> int:
     """The kernel's grid for an [m, k] x [n, k] call. The kernel cuts the row_blocks x chunks units into
     this many equal ranges (stream-K), so the count need not divide anything. ``splits`` > 0: classic
-    split-K, row_blocks x splits. Else ``_ctas_per_sm`` CTAs per SM (default: 0 up to M = 8, else 4; at
-    most one CTA per 4 units, so each streams >= 4 chunks), or the split-K policy when it is 0."""
+    split-K, row_blocks x splits. Else ``_ctas_per_sm`` CTAs per SM (default: 0 up to M = 8 and for
+    variant 9, else 4; at most one CTA per 4 units, so each streams >= 4 chunks), or the split-K policy
+    when it is 0."""
     row_blocks, chunks = -(-n // _ROWS_PER_CTA[variant_for(m, n, device)]), k // CHUNK
     if splits > 0:
         return row_blocks * min(splits, chunks)
-    per_sm = (0 if m <= 8 else 4) if _ctas_per_sm is None else _ctas_per_sm
+    per_sm = (0 if m <= 8 or variant_for(m, n, device) == 9 else 4) if _ctas_per_sm is None else _ctas_per_sm
     if per_sm <= 0:
         return row_blocks * split_count(m, n, k, device)
     return max(1, min(per_sm * _sm_count(device), row_blocks * chunks // _MIN_CHUNKS))
