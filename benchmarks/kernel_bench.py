@@ -229,8 +229,9 @@ def main() -> int:
     results = {
         f"{n}x{k}": bench_shape(n, k, ms, args.sweep, log, args.only_ours, variants, grids) for n, k in shapes
     }
+    gcols = [f"cps{g}" for g in grids]
     cols = ["ours", "ours_pdl0", "ours_pdl1", "humming", "cublas_bf16", "torch_int4", "dequant_matmul"]
-    cols += [f"cps{g}" for g in grids]
+    cols += gcols
 
     lines = [f"# NVFP4 small-M kernel bench ({props.name}, copy BW {bw / 1e12:.2f} TB/s)", ""]
     lines += ["## Per linear (µs; eff = 4.5-bit bytes / ours)", ""]
@@ -256,7 +257,6 @@ def main() -> int:
                     if c in row:
                         acc[c] = acc.get(c, 0.0) + row[c]
     lines += ["", "## Per layer (sum of the four linears, µs)", ""]
-    gcols = [f"cps{g}" for g in grids]
     lines += [
         "| model | M | ours | humming | cuBLAS BF16 | torch int4 | floor | eff TB/s | ×humming | ×cuBLAS |"
         + "".join(f" {c} |" for c in gcols)

@@ -119,8 +119,13 @@ def pdl_enabled(device: torch.device) -> bool:
         device.type == "cuda"
         and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")
         and os.environ.get("FP4REASON_PDL_OPS", "1") == "1"
-        and torch.cuda.get_device_capability(device)[0] >= 9
+        and _capability(device.index if device.index is not None else torch.cuda.current_device()) >= 9
     )
+
+
+@functools.cache
+def _capability(device: int) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 @functools.cache

@@ -2,9 +2,9 @@
 followed by the next projection's NVFP4 input quantization (W4A4), in one launch per call.
 
 Under torch.compile, inductor split ``norm -> qdq_nvfp4`` into several kernels (4 more per layer than
-W4A16, and slow at batch 8); these do the row in one program. Numerics follow the eager torch code of
-``fp4reason.engine.model`` (HF's RMSNorm: float32 statistics, the normalized row rounded to the input dtype,
-then times the weight in that dtype; SiLU rounded, then times ``up``), and the quantization is
+W4A16), and its division is not exact on CUDA. Numerics follow the eager torch code of
+``fp4reason.engine.model`` (HF's RMSNorm: float32 statistics, the normalized row rounded to the input
+dtype, then times the weight in that dtype; SiLU rounded, then times ``up``), and the quantization is
 ``fakequant.qdq_nvfp4_blocks``: bit-exact to ``formats.qdq_nvfp4`` of the rounded activation. The float32
 statistics (the sum of squares, ``exp``) may differ from torch's in the last bit.
 
@@ -119,7 +119,7 @@ def rms_norm_act(
     xo = torch.empty_like(x) if delta is not None else x
     y = torch.empty_like(x)
     d = delta.contiguous() if delta is not None else x
-    rows = x.numel() // h
+    rows = x.numel() // h if h else 0
     if rows:
         nb = triton.next_power_of_2(h // 16)
         tb = min(nb, NORM_TILE // 16)
