@@ -154,6 +154,7 @@ def _prompts(lengths, seed=1) -> list[list[int]]:
 
 
 def _same_as_sdpa(model, prompts, n, **kw):
+    model = model.to(DEV)  # on a GPU host the compiled kernels (a CPU model would need the interpreter)
     ref = Engine(model, None, max_batch_size=4, max_seq_len=64, **kw)
     fast = Engine(model, None, max_batch_size=4, max_seq_len=64, attn="triton", kv_bucket=16, **kw)
     a = ref.generate(prompts, max_new_tokens=n, return_entropies=True)
