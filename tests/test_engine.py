@@ -238,7 +238,7 @@ def test_bad_inputs():
         Engine(tiny_model("llama"), None, use_cuda_graphs=True, device="cpu")
 
 
-def _kernel_sized_model():
+def _kernel_sized_model(scheme: str = "nvfp4-w4a16"):
     """A small bf16 NVFP4 Qwen3 whose K dims are multiples of 128, so decode runs the CUDA kernel."""
     from transformers import AutoModelForCausalLM
 
@@ -248,7 +248,34 @@ def _kernel_sized_model():
     cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = 256, 512, 64
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    return quantize_model(model, "nvfp4-w4a16", progress=False)
+    return quantize_model(model, scheme, progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["nvfp4-w4a16", "nvfp4-w4a4"])
+def test_cuda_gated_mlp_equals_separate_activation(scheme):
+    """On CUDA the engine's gate/up projection applies silu(gate) * up in the kernel's epilogue; the MLP
+    output equals the un-gated projection followed by torch's silu * up, then the same down projection."""
+    from fp4reason.engine.model import Ops, Projection, _eps
+    from fp4reason.kernels import silu_mul_reference
+
+    model = _kernel_sized_model(scheme).cuda()
+    mlp = model.model.layers[0].mlp
+    engine = Engine(model, None, max_batch_size=2, max_seq_len=64)
+    layer = engine.decoder.layers[0]
+    assert layer.gate_up.gated
+    plain = Projection([mlp.gate_proj, mlp.up_proj])
+    assert not plain.gated
+    for ops in (Ops(), Ops(compiled=True)):
+        x = torch.randn(3, 1, 256, device="cuda", dtype=torch.bfloat16)
+        delta = torch.randn_like(x)
+        _, got = layer._mlp(x, delta, ops)
+        h = ops.add_rms_norm(x, delta, layer.post_norm.weight, _eps(layer.post_norm))[1]
+        a = silu_mul_reference(plain(h, ops))
+        want = layer.down(ops.act_nvfp4(a, layer.down.input_global_scale) if layer.down.folds_act(ops) else a)
+        assert got.shape == want.shape == (3, 1, 256)
+        rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+        assert rel < 2e-2, (scheme, ops.compiled, rel)
 
 
 @pytest.mark.gpu

@@ -10,8 +10,10 @@ import torch
 from fp4reason.formats import NVFP4Tensor, qdq_nvfp4, quantize_nvfp4
 from fp4reason.kernels import (
     TiledNVFP4,
+    gated_rows,
     nvfp4_linear,
     nvfp4_linear_reference,
+    nvfp4_silu_mul,
     prepare_nvfp4,
     tile_nvfp4,
     untile_nvfp4,
@@ -22,6 +24,12 @@ from fp4reason.kernels.cuda import WORD_MAG_LO, WORD_SIGN, _word_bytes
 def _ref64(x: torch.Tensor, w: NVFP4Tensor, bias=None) -> torch.Tensor:
     y = x.double() @ w.dequantize(torch.float32).double().T.to(x.device)
     return y if bias is None else y + bias.double()
+
+
+def _silu_mul64(x: torch.Tensor, w: NVFP4Tensor, bias=None) -> torch.Tensor:
+    """float64 silu(gate) * up of a fused [gate; up] weight, written out: gate * sigmoid(gate) * up."""
+    gate, up = _ref64(x, w, bias).chunk(2, dim=-1)
+    return gate / (1 + torch.exp(-gate)) * up
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -62,12 +70,22 @@ def test_custom_op_cpu_fallback_and_fake():
     w = quantize_nvfp4(torch.randn(24, 128))
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     t = prepare_nvfp4(w)
-    y = torch.ops.fp4reason.nvfp4_linear(x, t.tiled, t.global_scale, None, 24, 0)
+    y = torch.ops.fp4reason.nvfp4_linear(x, t.tiled, t.global_scale, None, 24, 0, False)
     assert torch.equal(y, nvfp4_linear_reference(x, w))
     torch.library.opcheck(
         torch.ops.fp4reason.nvfp4_linear,
-        (x, t.tiled, t.global_scale, None, 24, 0),
+        (x, t.tiled, t.global_scale, None, 24, 0, False),
         test_utils=("test_faketensor",),  # test_schema cannot multiply fp8 on CPU
+    )
+    w2 = quantize_nvfp4(torch.randn(32, 128))  # gated: [M, N/2] = silu(gate) * up, bias in gated row order
+    bias = torch.randn(32, dtype=torch.bfloat16)
+    tg = prepare_nvfp4(w2, gated=True)
+    yg = torch.ops.fp4reason.nvfp4_linear(x, tg.tiled, tg.global_scale, bias[gated_rows(32)], 32, 0, True)
+    assert torch.equal(yg, nvfp4_silu_mul(x, w2, bias))
+    torch.library.opcheck(
+        torch.ops.fp4reason.nvfp4_linear,
+        (x, tg.tiled, tg.global_scale, None, 32, 0, True),
+        test_utils=("test_faketensor",),
     )
 
 
@@ -161,6 +179,49 @@ def test_kernel_word_decode_matches_e2m1(bf16):
                 code = (wd >> 4 * e) & 0xF
                 want = (-1.0 if code & 8 else 1.0) * E2M1[code & 7] * unit
                 assert v == want or (want == 0.0 and v == 0.0), (hex(wd), i, e, v, want)
+
+
+def test_gated_rows_interleave_gate_and_up_by_eight():
+    want = [*range(0, 8), *range(16, 24), *range(8, 16), *range(24, 32)]  # I = 16: gate 0..15, up 16..31
+    assert gated_rows(32).tolist() == want
+    with pytest.raises(ValueError, match="N % 16"):
+        gated_rows(24)
+
+
+def test_gated_tiling_round_trips_and_dequantizes_in_original_order():
+    n, k = 48, 256
+    w = quantize_nvfp4(torch.randn(n, k))
+    t = prepare_nvfp4(w, gated=True)
+    assert isinstance(t, TiledNVFP4) and t.gated and t.shape == (n, k)
+    plain = tile_nvfp4(w.packed, w.block_scale)
+    rows = gated_rows(n)
+    for tile in range(n // 16):  # tile j of the gated layout is the plain tiling of rows rows[16j:16j+16]
+        r = rows[16 * tile : 16 * tile + 16]
+        sub = tile_nvfp4(w.packed[r], w.block_scale[r])
+        assert torch.equal(t.tiled[tile], sub[0])
+    assert not torch.equal(t.tiled, plain)
+    packed, scale = untile_nvfp4(t.tiled, n, gated=True)
+    assert torch.equal(packed, w.packed)
+    assert torch.equal(scale.view(torch.uint8), w.block_scale.view(torch.uint8))
+    assert torch.equal(t.dequantize(torch.float32), w.dequantize(torch.float32))
+    with pytest.raises(ValueError, match="gated=True"):
+        prepare_nvfp4(t)
+    with pytest.raises(ValueError, match="N % 16"):
+        prepare_nvfp4(quantize_nvfp4(torch.randn(40, k)), gated=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_silu_mul_reference_matches_float64(dtype):
+    n, k = 96, 256
+    w = quantize_nvfp4(torch.randn(n, k) * 0.1)
+    x = torch.randn(2, 3, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    y = nvfp4_silu_mul(x, w, bias)
+    assert y.shape == (2, 3, n // 2) and y.dtype == dtype
+    assert _rel(y, _silu_mul64(x, w, bias)) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.equal(nvfp4_silu_mul(x, prepare_nvfp4(w, gated=True), bias), y)  # the tiled weight too
+    with pytest.raises(ValueError, match="even number of rows"):
+        nvfp4_silu_mul(x, quantize_nvfp4(torch.randn(95, k)))
 
 
 def test_prepare_leaves_k_not_multiple_of_128():
@@ -390,3 +451,57 @@ def test_kernel_torch_compile():
     x = torch.randn(2, 2048, device="cuda", dtype=torch.bfloat16)
     f = torch.compile(lambda a: nvfp4_linear(a, w) * 2)
     assert _rel(f(x), 2 * _ref64(x, w)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(range(10)))
+def test_kernel_gated_every_variant(monkeypatch, variant):
+    """The silu(gate) * up epilogue: every variant, both dtypes, every M, with bias, on whole row blocks and
+    on split / stream-K grids (the last CTA's path), against float64; the workspace is clean afterwards."""
+    from fp4reason.kernels import cuda as fk
+
+    monkeypatch.setattr(fk, "_variant", variant)
+    n, k = 2000, 2048  # I = 1000: not a multiple of any CTA's rows
+    w = prepare_nvfp4(_gpu_weight(n, k, seed=variant), gated=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        bias = torch.randn(n, device="cuda", dtype=dtype) * 0.1
+        for m in range(1, 17):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            ref = _silu_mul64(x, w, bias)
+            for grid in (dict(splits=1), dict(splits=5), dict(ctas=37)):
+                call = lambda: fk.nvfp4_linear_cuda(x, w, bias, gated=True, **grid)  # noqa: B023, E731
+                y = _poisoned_call(call, m, n // 2, dtype)
+                assert y.shape == (m, n // 2) and _rel(y, ref) < 1e-2, (variant, dtype, m, grid)
+    for work, counters in fk._workspaces.values():
+        assert not work.any() and not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3-8b.gate_up", "llama3.1-8b.gate_up", "qwen3-32b.gate_up"])
+def test_kernel_gated_model_shapes_equal_linear_then_silu(name):
+    """Model gate_up shapes with the default dispatch: float64-close, and equal to the plain kernel followed
+    by torch's silu(gate) * up up to one rounding step of silu (expf vs torch's exp)."""
+    from fp4reason.kernels import silu_mul_reference
+
+    n, k = SHAPES[name]
+    w = _gpu_weight(n, k)
+    wg = prepare_nvfp4(w, gated=True)
+    for m in (1, 4, 8, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        y = _poisoned_call(lambda: nvfp4_silu_mul(x, wg), m, n // 2, torch.bfloat16)  # noqa: B023
+        assert _rel(y, _silu_mul64(x, w)) < 1e-2, (name, m)
+        two = silu_mul_reference(nvfp4_linear(x, w))
+        close = torch.isclose(y.float(), two.float(), rtol=2**-7, atol=1e-6)
+        assert close.all() and (y == two).float().mean() > 0.99, (name, m)
+
+
+@pytest.mark.gpu
+def test_kernel_gated_nan_propagates():
+    w = prepare_nvfp4(_gpu_weight(2048, 4096), gated=True)
+    x = torch.randn(6, 4096, device="cuda", dtype=torch.bfloat16)
+    x[2, 100] = float("nan")
+    from fp4reason.kernels.cuda import nvfp4_linear_cuda
+
+    for splits in (1, 4):
+        y = nvfp4_linear_cuda(x, w, splits=splits, gated=True)
+        assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all(), splits

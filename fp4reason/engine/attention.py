@@ -60,6 +60,19 @@ def _attn_fwd(
     q_ptr = Q + b * stride_qb + qh[:, None] * stride_qh
     kc_row = KC + b * stride_cb + kh * stride_ch
     vc_row = VC + b * stride_cb + kh * stride_ch
+    hi = slot if FUSED else slot + 1  # fused: the cache holds slots < slot, the new one comes from registers
+    lo = start
+    base = (lo // BLOCK_N) * BLOCK_N
+    per = tl.cdiv(tl.cdiv(hi - base, BLOCK_N), SPLITS) * BLOCK_N
+    n0 = base + sp * per
+    n1 = tl.minimum(n0 + per, hi)
+    n_off = tl.arange(0, BLOCK_N)
+    # the first block's K and V are requested before q is read and processed, so the three loads share one
+    # DRAM round trip (nothing here reads the slot this kernel writes, and the write comes last)
+    s = n0 + n_off
+    sm = (s >= lo) & (s < n1)
+    k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+    v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
     if FUSED:
         # Q is the projection row: q heads 0..H-1, k heads H.., v heads H+HKV.. (head stride D)
         half = D // 2
@@ -90,27 +103,12 @@ def _attn_fwd(
         q = (q * cos[None, :]).to(dt).to(tl.float32) + (sign * qr * sin[None, :]).to(dt).to(tl.float32)
         kf = (kf * cos).to(dt).to(tl.float32) + (sign * kfr * sin).to(dt).to(tl.float32)
         q, k_new = q.to(dt), kf.to(dt)
-        first = sp == 0
-        tl.store(kc_row + slot * stride_cs + d, k_new, mask=dm & first)
-        tl.store(vc_row + slot * stride_cs + d, v_new, mask=dm & first)
-        hi = slot  # the cache holds slots < slot; the new one comes from registers
     else:
         q = tl.load(q_ptr + d[None, :], mask=qmask, other=0.0).to(dt)
-        hi = slot + 1
-    lo = start
-    base = (lo // BLOCK_N) * BLOCK_N
-    per = tl.cdiv(tl.cdiv(hi - base, BLOCK_N), SPLITS) * BLOCK_N
-    n0 = base + sp * per
-    n1 = tl.minimum(n0 + per, hi)
     m_i = tl.full([BLOCK_G], -1e30, tl.float32)  # finite: an empty split stays NaN-free
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    n_off = tl.arange(0, BLOCK_N)
     for i in range(ITERS):  # a static trip count: blocks past this split's end load nothing
-        s = n0 + i * BLOCK_N + n_off
-        sm = (s >= lo) & (s < n1)
-        kvmask = sm[:, None] & dm[None, :]
-        k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -120,14 +118,21 @@ def _attn_fwd(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
         if IEEE:
             pv = tl.dot(p.to(dt), v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(dt), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    if FUSED:  # the new token, in split 0 only
+        # the next block's K and V together (past the last iteration the mask is empty: no memory traffic)
+        s = s + BLOCK_N
+        sm = (s >= lo) & (s < n1) & (i + 1 < ITERS)
+        k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+    if FUSED:  # the new token, in split 0 only, which also writes it into the cache
+        first = sp == 0
+        tl.store(kc_row + slot * stride_cs + d, k_new, mask=dm & first)
+        tl.store(vc_row + slot * stride_cs + d, v_new, mask=dm & first)
         qk = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
         qk = tl.where(first, qk, float("-inf"))
         m_new = tl.maximum(m_i, qk)

@@ -226,18 +226,19 @@ class Projection:
     fused tensor (no second copy of the weights). ``FP4Linear`` groups with equal tensor scales (and equal
     input scales for W4A4) become one FP4 weight, prepared once for the CUDA kernel and called through
     ``fp4reason.kernels``. Groups that cannot be fused run as one projection per module; modules of
-    other types are called as they are.
+    other types are called as they are. ``gated`` (a SwiGLU MLP's [gate, up]): on CUDA a fused NVFP4 weight is
+    tiled for the kernel's silu(gate) * up epilogue and the call returns that product (``self.gated``).
     """
 
-    def __init__(self, modules: list[nn.Module], fuse: bool = True) -> None:
-        self.kind, self.bias, self.parts = "module", None, []
+    def __init__(self, modules: list[nn.Module], fuse: bool = True, gated: bool = False) -> None:
+        self.kind, self.bias, self.parts, self.gated = "module", None, [], False
         fp4 = [_fp4_weight(m) for m in modules]
         if len(modules) > 1 and not (fuse and (_all_dense(modules) or _fusable_fp4(modules, fp4))):
             self.kind, self.parts = "parts", [Projection([m]) for m in modules]
         elif _all_dense(modules):
             self._init_dense(modules)
         elif all(w is not None for w in fp4) and _fusable_fp4(modules, fp4):
-            self._init_fp4(modules, fp4)
+            self._init_fp4(modules, fp4, gated and len(modules) == 2)
         else:
             self.module = modules[0]
 
@@ -258,7 +259,7 @@ class Projection:
                     [m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in modules]
                 )
 
-    def _init_fp4(self, modules: list[nn.Module], weights: list) -> None:
+    def _init_fp4(self, modules: list[nn.Module], weights: list, gated: bool) -> None:
         self.kind = "fp4"
         w0 = weights[0]
         self.fmt = "nvfp4" if isinstance(w0, NVFP4Tensor) else "mxfp4"
@@ -282,7 +283,10 @@ class Projection:
         if self.fmt == "nvfp4" and self.weight.device.type == "cuda":
             from fp4reason.kernels import prepare_nvfp4
 
-            self.weight = prepare_nvfp4(self.weight)  # the kernel's layout and workspace, before any capture
+            n, k = self.weight.shape
+            self.gated = gated and n % 16 == 0 and k % 128 == 0 and weights[0].shape[0] * 2 == n
+            # the kernel's layout and workspace, before any capture
+            self.weight = prepare_nvfp4(self.weight, gated=self.gated)
         self.act_quant = _act_quant(modules[0])
         self.input_global_scale = getattr(modules[0], "input_global_scale", None)
         self.dense_cache = None  # CPU only: the exactly dequantized weight, made once
@@ -309,7 +313,7 @@ class Projection:
                 act_quant = self.act_quant and not quantized
                 if act_quant and ops is not None and ops.compiled:  # one fused kernel instead of ~20
                     x2, act_quant = ops.act_nvfp4(x2, self.input_global_scale), False
-                y = kernels.nvfp4_linear(
+                y = (kernels.nvfp4_silu_mul if self.gated else kernels.nvfp4_linear)(
                     x2,
                     self.weight,
                     self.bias,
@@ -376,12 +380,12 @@ class Layer:
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
         self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], fuse)
         self.o = Projection([attn.o_proj], fuse)
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], fuse)
+        act = getattr(cfg, "hidden_act", "silu")
+        self.act_fn: Callable | None = None if act == "silu" else mlp.act_fn
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], fuse, gated=self.act_fn is None)
         self.down = Projection([mlp.down_proj], fuse)
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.in_norm, self.post_norm = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
-        act = getattr(cfg, "hidden_act", "silu")
-        self.act_fn: Callable | None = None if act == "silu" else mlp.act_fn
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the decoder's cos/sin tables [S, D]
@@ -415,6 +419,10 @@ class Layer:
     def _mlp(self, x: torch.Tensor, attn_out: torch.Tensor, ops: Ops):
         """(residual stream, MLP output): the MLP output is added by the next norm (fused)."""
         x, gu = self._norm_proj(x, attn_out, self.post_norm, self.gate_up, ops)
+        if self.gate_up.gated:  # the kernel's epilogue applied silu(gate) * up
+            if self.down.folds_act(ops):
+                return x, self.down(ops.act_nvfp4(gu, self.down.input_global_scale), ops, quantized=True)
+            return x, self.down(gu, ops)
         if self.act_fn is None and self.down.folds_act(ops):
             return x, self.down(ops.silu_mul_act(gu, self.down.input_global_scale), ops, quantized=True)
         if self.act_fn is None:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fp4reason.formats import NVFP4Tensor
+from fp4reason.kernels.reference import silu_mul_reference
 
 _SRC = Path(__file__).with_name("csrc") / "nvfp4_gemv.cu"
 CHUNK = 128
@@ -93,7 +94,7 @@ def build_library(force: bool = False) -> Path:
 def _lib() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build_library()))
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.fp4r_nvfp4_gemv.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, p]
+    lib.fp4r_nvfp4_gemv.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, p]
     lib.fp4r_nvfp4_gemv.restype = i
     return lib
 
@@ -228,17 +229,30 @@ def _word_bytes(b: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> shifts) & 0xFF).to(torch.uint8).reshape(b.shape)
 
 
-def tile_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
+def gated_rows(n: int, device=None) -> torch.Tensor:
+    """Row order of a gated tiling of a fused [gate; up] weight with N = 2I rows: each 16-row tile holds gate
+    rows 8j..8j+7, then up rows 8j..8j+7 (so the kernel's lanes hold a gate row and its up row together)."""
+    if n % 16:
+        raise ValueError(f"a gated (gate/up) NVFP4 weight needs N % 16 == 0 (I % 8 == 0), got N={n}")
+    half = torch.arange(n // 2, device=device).view(-1, 8)
+    return torch.stack([half, half + n // 2], 1).reshape(-1)
+
+
+def tile_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, gated: bool = False) -> torch.Tensor:
     """CT NVFP4 [N, K/2] + [N, K/16] -> uint8 [ceil(N/16), K/128, 1152], the kernel's layout.
 
     Per 16-row tile and 128-k chunk: 1024 B of nibbles in lane order (half h, row g, quad lane t: rows
     h*8+g, bytes t*16..t*16+15 of the chunk, each 4-byte word bit-permuted as WORD_MAG_LO / WORD_SIGN
     say), then 128 B of scales in lane order (lane g*4+t holds blocks 4*(t%2)..+3 of row g + 8*(t//2)).
-    Rows past N are zero."""
+    Rows past N are zero. ``gated``: the rows of a fused [gate; up] weight in :func:`gated_rows` order first,
+    for the kernel's silu(gate) * up epilogue."""
     n, kh = packed.shape
     k = kh * 2
     if k % CHUNK:
         raise ValueError(f"tiled NVFP4 needs K % {CHUNK} == 0, got K={k}")
+    if gated:
+        rows = gated_rows(n, packed.device)
+        packed, block_scale = packed[rows], block_scale[rows]
     tiles, chunks = -(-n // 16), k // CHUNK
     pad = tiles * 16 - n
     p = F.pad(packed, (0, 0, 0, pad)).view(tiles, 2, 8, chunks, 4, 16).permute(0, 3, 1, 2, 4, 5)
@@ -248,23 +262,29 @@ def tile_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor) -> torch.Tensor:
     return torch.cat([p, sc.reshape(tiles, chunks, 128)], dim=-1).contiguous()
 
 
-def untile_nvfp4(tiled: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def untile_nvfp4(tiled: torch.Tensor, n: int, gated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`tile_nvfp4`: (packed [N, K/2] uint8, block_scale [N, K/16] e4m3)."""
     tiles, chunks, _ = tiled.shape
     p = _word_bytes(tiled[..., :1024], inverse=True)
     p = p.reshape(tiles, chunks, 2, 8, 4, 16).permute(0, 2, 3, 1, 4, 5)
     sc = tiled[..., 1024:].reshape(tiles, chunks, 8, 2, 2, 4).permute(0, 3, 2, 1, 4, 5)
     packed = p.reshape(tiles * 16, chunks * 64)[:n]
-    return packed.contiguous(), sc.reshape(tiles * 16, chunks * 8)[:n].contiguous().view(torch.float8_e4m3fn)
+    scales = sc.reshape(tiles * 16, chunks * 8)[:n]
+    if gated:
+        order = torch.argsort(gated_rows(n, tiled.device))
+        packed, scales = packed[order], scales[order]
+    return packed.contiguous(), scales.contiguous().view(torch.float8_e4m3fn)
 
 
 @dataclass
 class TiledNVFP4:
-    """An NVFP4 weight [N, K] in the kernel's tiled layout (see :func:`tile_nvfp4`)."""
+    """An NVFP4 weight [N, K] in the kernel's tiled layout (see :func:`tile_nvfp4`); ``gated``: a fused
+    [gate; up] weight tiled for the silu(gate) * up epilogue (``nvfp4_silu_mul``)."""
 
     tiled: torch.Tensor  # uint8 [ceil(N/16), K/128, 1152]
     global_scale: torch.Tensor  # float32 [1], compressed-tensors divisor
     n: int
+    gated: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -275,7 +295,7 @@ class TiledNVFP4:
         return self.tiled.device
 
     def to_nvfp4(self) -> NVFP4Tensor:
-        return NVFP4Tensor(*untile_nvfp4(self.tiled, self.n), self.global_scale)
+        return NVFP4Tensor(*untile_nvfp4(self.tiled, self.n, self.gated), self.global_scale)
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         return self.to_nvfp4().dequantize(dtype)
@@ -293,13 +313,19 @@ def nvfp4_linear_op(
     bias: torch.Tensor | None,
     n: int,
     grid: int,
+    gated: bool,
 ) -> torch.Tensor:
-    """``x [M, K] @ W[N, K].T (+ bias)`` with W tiled NVFP4 on ``grid`` CTAs (0: :func:`grid_ctas`'s)."""
+    """``x [M, K] @ W[N, K].T (+ bias)`` with W tiled NVFP4 on ``grid`` CTAs (0: :func:`grid_ctas`'s);
+    ``gated``: W (and ``bias``) in gated tile order, returns silu(gate) * up [M, N/2]."""
     m, k = x.shape
     if not supported(x, n, k):
-        w = TiledNVFP4(tiled, global_scale, n)
-        return F.linear(x, w.dequantize(x.dtype), bias)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        w = TiledNVFP4(tiled, global_scale, n, gated)
+        if not gated:
+            return F.linear(x, w.dequantize(x.dtype), bias)
+        if bias is not None:
+            bias = bias[torch.argsort(gated_rows(n, bias.device))]
+        return silu_mul_reference(F.linear(x, w.dequantize(x.dtype), bias))
+    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
     ctas = grid if grid > 0 else grid_ctas(m, n, k, dev)
     whole = -(-n // _ROWS_PER_CTA[variant_for(m, n, dev)])  # one CTA per row block: needs no workspace
@@ -322,6 +348,7 @@ def nvfp4_linear_op(
         int(x.dtype == torch.bfloat16),
         variant_for(m, n, dev),
         1 if _pdl is None else _pdl,
+        int(gated),
         torch.cuda.current_stream(x.device).cuda_stream,
     )
     if err:
@@ -330,8 +357,8 @@ def nvfp4_linear_op(
 
 
 @nvfp4_linear_op.register_fake
-def _(x, tiled, global_scale, bias, n, grid):
-    return x.new_empty(x.shape[0], n)
+def _(x, tiled, global_scale, bias, n, grid, gated):
+    return x.new_empty(x.shape[0], n // 2 if gated else n)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -341,14 +368,17 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _tiled(w: "NVFP4Tensor | TiledNVFP4") -> TiledNVFP4:
+def _tiled(w: "NVFP4Tensor | TiledNVFP4", gated: bool = False) -> TiledNVFP4:
     if isinstance(w, TiledNVFP4):
+        if w.gated != gated:
+            raise ValueError(f"the prepared weight has gated={w.gated}; this call needs gated={gated}")
         return w
-    cached = w.__dict__.get("_fp4r_tiled")
+    key = "_fp4r_tiled_gated" if gated else "_fp4r_tiled"
+    cached = w.__dict__.get(key)
     if cached is None:
-        cached = prepare_nvfp4(w)
+        cached = prepare_nvfp4(w, gated=gated)
         if not torch.cuda.is_current_stream_capturing():
-            w.__dict__["_fp4r_tiled"] = cached
+            w.__dict__[key] = cached
     return cached
 
 
@@ -359,31 +389,42 @@ def nvfp4_linear_cuda(
     *,
     splits: int = 0,
     ctas: int = 0,
+    gated: bool = False,
 ) -> torch.Tensor:
     """GPU ``x @ dequant(w).T + bias`` for x [..., K]; leading dims are flattened. ``splits`` (classic
-    split-K) or ``ctas`` (any grid) override the dispatch's grid, for tests and sweeps."""
+    split-K) or ``ctas`` (any grid) override the dispatch's grid, for tests and sweeps. ``gated``: ``w`` is a
+    fused [gate; up] weight [2I, K] and the result silu(gate) * up [..., I], from the kernel's epilogue."""
     n, k = w.shape
     lead = x.shape[:-1]
     x2 = _aligned(x.reshape(-1, k))
     if k % CHUNK:  # the kernel needs whole 128-k chunks: plain dequantize + matmul
-        return F.linear(x2, w.dequantize(x.dtype), bias).reshape(*lead, n)
-    t = _tiled(w)
+        y = F.linear(x2, w.dequantize(x.dtype), bias)
+        return (silu_mul_reference(y) if gated else y).reshape(*lead, -1)
+    t = _tiled(w, gated)
     gs = t.global_scale if t.global_scale.device == x.device else t.global_scale.to(x.device)
     if bias is not None:
-        bias = bias.to(x.dtype).contiguous()
+        bias = bias.to(x.dtype)
+        bias = (bias[gated_rows(n, bias.device)] if gated else bias).contiguous()
     if splits > 0 and not ctas:
         ctas = grid_ctas(x2.shape[0], n, k, splits=splits)
-    y = torch.ops.fp4reason.nvfp4_linear(x2, t.tiled, gs, bias, n, ctas)
-    return y.reshape(*lead, n)
+    y = torch.ops.fp4reason.nvfp4_linear(x2, t.tiled, gs, bias, n, ctas, gated)
+    return y.reshape(*lead, -1)
 
 
-def prepare_nvfp4(w: "NVFP4Tensor | TiledNVFP4") -> "TiledNVFP4 | NVFP4Tensor":
+def prepare_nvfp4(w: "NVFP4Tensor | TiledNVFP4", gated: bool = False) -> "TiledNVFP4 | NVFP4Tensor":
     """One-time preparation before CUDA-graph capture: the tiled copy of the weight (a
-    :class:`TiledNVFP4`, same bytes reordered) and the device's split-K workspace. Weights whose K is
-    not a multiple of 128 stay an ``NVFP4Tensor`` (they run through dequantize + matmul)."""
-    if isinstance(w, TiledNVFP4) or w.shape[1] % CHUNK:
+    :class:`TiledNVFP4`, same bytes reordered; ``gated``: a fused [gate; up] weight for ``nvfp4_silu_mul``)
+    and the device's split-K workspace. Weights whose K is not a multiple of 128 stay an ``NVFP4Tensor``
+    (they run through dequantize + matmul)."""
+    if isinstance(w, TiledNVFP4):
+        if w.gated != gated:
+            raise ValueError(f"the prepared weight has gated={w.gated}; asked for gated={gated}")
         return w
-    t = TiledNVFP4(tile_nvfp4(w.packed, w.block_scale), w.global_scale.contiguous().float(), w.shape[0])
+    if w.shape[1] % CHUNK:
+        return w
+    t = TiledNVFP4(
+        tile_nvfp4(w.packed, w.block_scale, gated), w.global_scale.contiguous().float(), w.shape[0], gated
+    )
     if t.tiled.is_cuda and available():
         _workspace(t.tiled.device)
     return t

@@ -29,6 +29,12 @@ def nvfp4_linear_reference(
     return F.linear(x, w.dequantize(x.dtype), bias)
 
 
+def silu_mul_reference(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused [..., gate | up] projection output, as a Hugging Face SwiGLU MLP does."""
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def mxfp4_linear_reference(
     x: torch.Tensor, w: MXFP4Tensor, bias: torch.Tensor | None = None, *, act_quant: bool = False
 ) -> torch.Tensor:

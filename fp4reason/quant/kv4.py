@@ -43,23 +43,33 @@ class KV4Cache(DynamicCache):
         return super().update(qdq_kv4(key_states), qdq_kv4(value_states), layer_idx, *args, **kwargs)
 
 
+def _cache_kwarg(module: nn.Module, kwargs: dict) -> str:
+    """The keyword the cache travels under: the caller's, else the forward's own (transformers >= 5.2x
+    calls it ``cache``, earlier releases ``past_key_values``; the old name is still accepted)."""
+    for name in ("cache", "past_key_values"):
+        if name in kwargs:
+            return name
+    return "cache" if "cache" in _positional_params(module) else "past_key_values"
+
+
 def _kv4_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-    if args and "past_key_values" in _positional_params(module)[: len(args)]:
-        raise TypeError("pass past_key_values to a KV4 model as a keyword argument")
-    cache = kwargs.get("past_key_values")
+    key = _cache_kwarg(module, kwargs)
+    if args and key in _positional_params(module)[: len(args)]:
+        raise TypeError(f"pass {key} to a KV4 model as a keyword argument")
+    cache = kwargs.get(key)
     if isinstance(cache, KV4Cache):
         if cache.k_shift is None:  # a cache made by the caller: the model's Q-FIT shifts still apply
             cache.k_shift = k_shifts(module)
         return None
     if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-        kwargs["past_key_values"] = KV4Cache(config=module.config, k_shift=k_shifts(module))
+        kwargs[key] = KV4Cache(config=module.config, k_shift=k_shifts(module))
         return args, kwargs
     if isinstance(cache, Cache):
         raise ValueError(
             f"a KV4 model needs a KV4Cache (or no cache); got a {type(cache).__name__} that already holds "
             f"{cache.get_seq_length()} tokens of unquantized keys/values"
         )
-    raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+    raise TypeError(f"{key} must be a transformers Cache, got {type(cache).__name__}")
 
 
 def _positional_params(module: nn.Module) -> list[str]:

@@ -26,6 +26,10 @@
 // partial sums go to an fp32 workspace with vector reductions; the last CTA of a row block (arrival
 // counter) writes the output and zeroes the workspace and counter again, so nothing needs resetting
 // between calls and the launch is CUDA-graph safe.
+//
+// Gated (SwiGLU) epilogue: for a fused gate/up weight tiled with gated=True (each 16-row tile holds gate
+// rows 8j..8j+7, then up rows 8j..8j+7), the kernel writes silu(gate) * up [M, N/2] instead of [M, N], so
+// the MLP needs no separate activation kernel: a lane's accumulators already hold rows g and g+8.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
@@ -118,6 +122,20 @@ __device__ __forceinline__ void store_out(void* p, size_t i, float v) {
   else reinterpret_cast<__half*>(p)[i] = __float2half_rn(v);
 }
 
+template <bool BF16>
+__device__ __forceinline__ float round_out(float v) {
+  if constexpr (BF16) return __bfloat162float(__float2bfloat16_rn(v));
+  else return __half2float(__float2half_rn(v));
+}
+
+// silu(gate) * up rounded where eager PyTorch rounds a bf16/fp16 MLP: the projection outputs, silu's output,
+// then the product (by store_out)
+template <bool BF16>
+__device__ __forceinline__ float silu_mul(float gate, float up) {
+  float gr = round_out<BF16>(gate);
+  return round_out<BF16>(gr / (1.0f + expf(-gr))) * round_out<BF16>(up);
+}
+
 // Activation chunk in shared memory (XS variants): token row of 256 B = 16 units of 16 B, unit u = t*4 + w
 // (quad lane t, word w); the low two bits are XORed with (row parity, t / 2) so the 8 lanes of a
 // quarter-warp (two rows x four t) read eight different bank groups.
@@ -128,7 +146,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     nvfp4_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ tiled,
                       const float* __restrict__ gscale,
                       const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ work,
-                      int* __restrict__ counters, int M, int N, int K) {
+                      int* __restrict__ counters, int M, int N, int K, int gated) {
   extern __shared__ __align__(16) uint8_t dyn_smem[];
   __shared__ uint32_t lut[256];
   __shared__ int s_last;
@@ -360,6 +378,25 @@ __global__ void __launch_bounds__(WARPS * 32)
     // acc[r][n]: {row g, tok 2t}, {row g, tok 2t+1}, {row g+8, tok 2t}, {row g+8, tok 2t+1}
     if (c_begin == 0 && c_end == chunks) {  // the whole row block: store
       if (kw > 0) continue;
+      if (gated) {  // rows g (gate) and g + 8 (up) of each tile -> output row tile * 8 + g
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          int row = row_warp + r * 16 + g;
+          if (row >= N) continue;
+          int orow = (row_warp + r * 16) / 2 + g;
+          float bg = bias ? out_to_float<BF16>(bias, row) : 0.f, bu = bias ? out_to_float<BF16>(bias, row + 8) : 0.f;
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              int tok = n * 8 + 2 * t + j;
+              if (tok < M)
+                store_out<BF16>(out, (size_t)tok * (N / 2) + orow,
+                                silu_mul<BF16>(acc[r][n][j] * f + bg, acc[r][n][2 + j] * f + bu));
+            }
+        }
+        continue;
+      }
 #pragma unroll
       for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -404,23 +441,42 @@ __global__ void __launch_bounds__(WARPS * 32)
     __syncthreads();
     if (!s_last) continue;
     __threadfence();
-    // one row per thread: its <= 16 sums in four vector loads issued together (a loop of scalar loads paid
-    // one L2 round trip per token: ~8 us at M = 16), then zeroed (slot M of an odd M got a pad-row sum too)
-    for (int i = threadIdx.x; i < ROWS_PER_CTA; i += blockDim.x) {
-      int row = row_block + i;
-      if (row >= N) break;
-      float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
+    // one row's <= 16 sums in four vector loads issued together (a loop of scalar loads paid one L2 round
+    // trip per token: ~8 us at M = 16), then zeroed (slot M of an odd M got a pad-row sum too)
+    auto take_sums = [&](int row, float4 (&v)[WS_LD / 4]) {
       float4* src = reinterpret_cast<float4*>(work + (size_t)row * WS_LD);
-      float4 v[WS_LD / 4];
 #pragma unroll
       for (int q = 0; q < WS_LD / 4; ++q)
         if (q * 4 < M) v[q] = __ldcg(src + q);
 #pragma unroll
       for (int q = 0; q < WS_LD / 4; ++q)
         if (q * 4 <= M) __stcg(src + q, make_float4(0.f, 0.f, 0.f, 0.f));
+    };
+    if (gated) {  // one output row per thread: gate row row_block + (i / 8) * 16 + i % 8, up row 8 further
+      for (int i = threadIdx.x; i < ROWS_PER_CTA / 2; i += blockDim.x) {
+        int row = row_block + (i >> 3) * 16 + (i & 7);
+        if (row >= N) break;
+        float bg = bias ? out_to_float<BF16>(bias, row) : 0.f, bu = bias ? out_to_float<BF16>(bias, row + 8) : 0.f;
+        float4 vg[WS_LD / 4], vu[WS_LD / 4];
+        take_sums(row, vg);
+        take_sums(row + 8, vu);
 #pragma unroll
-      for (int m = 0; m < WS_LD; ++m)
-        if (m < M) store_out<BF16>(out, (size_t)m * N + row, (&v[m >> 2].x)[m & 3] * f + bv);
+        for (int m = 0; m < WS_LD; ++m)
+          if (m < M)
+            store_out<BF16>(out, (size_t)m * (N / 2) + row_block / 2 + i,
+                            silu_mul<BF16>((&vg[m >> 2].x)[m & 3] * f + bg, (&vu[m >> 2].x)[m & 3] * f + bu));
+      }
+    } else {  // one row per thread
+      for (int i = threadIdx.x; i < ROWS_PER_CTA; i += blockDim.x) {
+        int row = row_block + i;
+        if (row >= N) break;
+        float bv = bias ? out_to_float<BF16>(bias, row) : 0.f;
+        float4 v[WS_LD / 4];
+        take_sums(row, v);
+#pragma unroll
+        for (int m = 0; m < WS_LD; ++m)
+          if (m < M) store_out<BF16>(out, (size_t)m * N + row, (&v[m >> 2].x)[m & 3] * f + bv);
+      }
     }
     if (threadIdx.x == 0) counters[rb] = 0;
   }
@@ -428,7 +484,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 
 template <bool BF16, int NT, int STAGES, int RT, bool XS = false, int WK = 1>
 int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
-           const void* bias, void* out, float* work, int* counters, int M, int N, int K) {
+           const void* bias, void* out, float* work, int* counters, int M, int N, int K, int gated) {
   constexpr int rows = WARPS / WK * RT * 16;
   constexpr int smem = WARPS * STAGES * RT * 16 * (64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0) +
                        WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
@@ -455,7 +511,7 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, kern, x, tiled, gs, bias, out, work, counters, M, N, K);
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kern, x, tiled, gs, bias, out, work, counters, M, N, K, gated);
   return e != cudaSuccess ? (int)e : (int)cudaGetLastError();
 }
 
@@ -465,18 +521,18 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
 // memory), 4 / 8 stages; 9 = 2 tiles per warp pair (64 rows), k split in two
 template <bool BF16, int NT>
 int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
-                   const void* bias, void* out, float* work, int* cnt, int M, int N, int K) {
+                   const void* bias, void* out, float* work, int* cnt, int M, int N, int K, int gated) {
   switch (variant) {
-    case 1: return launch<BF16, NT, 6, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 2: return launch<BF16, NT, 4, 1>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 3: return launch<BF16, NT, 8, 1>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 4: return launch<BF16, NT, 4, 2, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 5: return launch<BF16, NT, 4, 1, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 6: return launch<BF16, NT, 8, 2, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 7: return launch<BF16, NT, 4, 1, false, 4>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 8: return launch<BF16, NT, 8, 1, false, 4>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    case 9: return launch<BF16, NT, 4, 2, false, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
-    default: return launch<BF16, NT, 4, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K);
+    case 1: return launch<BF16, NT, 6, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 2: return launch<BF16, NT, 4, 1>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 3: return launch<BF16, NT, 8, 1>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 4: return launch<BF16, NT, 4, 2, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 5: return launch<BF16, NT, 4, 1, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 6: return launch<BF16, NT, 8, 2, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 7: return launch<BF16, NT, 4, 1, false, 4>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 8: return launch<BF16, NT, 8, 1, false, 4>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 9: return launch<BF16, NT, 4, 2, false, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    default: return launch<BF16, NT, 4, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
   }
 }
 
@@ -484,23 +540,24 @@ int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_
 
 extern "C" {
 
-// y[M, N] = x[M, K] @ W^T (+ bias) with W in the tiled layout of fp4reason.kernels.cuda.tile_nvfp4.
+// y[M, N] = x[M, K] @ W^T (+ bias) with W in the tiled layout of fp4reason.kernels.cuda.tile_nvfp4;
+// gated = 1 (W tiled with gated=True, N % 16 == 0): y[M, N/2] = silu(gate) * up instead.
 // pdl = 1 launches with programmatic stream serialization (overlaps this kernel's weight prefetch
 // with the previous kernel's tail). ctas: the grid (the kernel's work split, see the top); any count other
 // than one CTA per row block needs work (>= N*16 floats, zeroed) and counters (>= ceil(N/16) ints, zeroed),
 // both left zeroed after the kernel. Returns a cudaError_t (0 = launched).
 int fp4r_nvfp4_gemv(const void* x, const void* tiled, const float* gscale, const void* bias, void* out,
                     float* work, int* counters, int M, int N, int K, int ctas, int bf16, int variant,
-                    int pdl, void* stream) {
-  if (M < 1 || M > 16 || N < 1 || K % CHUNK || ctas < 1) return (int)cudaErrorInvalidValue;
+                    int pdl, int gated, void* stream) {
+  if (M < 1 || M > 16 || N < 1 || K % CHUNK || ctas < 1 || (gated && N % 16)) return (int)cudaErrorInvalidValue;
   cudaStream_t s = (cudaStream_t)stream;
   auto xp = (const uint16_t*)x;
   auto tp = (const uint8_t*)tiled;
   if (bf16) {
-    if (M <= 8) return launch_variant<true, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
-    return launch_variant<true, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+    if (M <= 8) return launch_variant<true, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated);
+    return launch_variant<true, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated);
   }
-  if (M <= 8) return launch_variant<false, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
-  return launch_variant<false, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K);
+  if (M <= 8) return launch_variant<false, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated);
+  return launch_variant<false, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated);
 }
 }
