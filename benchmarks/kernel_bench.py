@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fp4reason.formats import NVFP4Tensor, quantize_nvfp4
 from fp4reason.kernels import cuda as fk
-from fp4reason.kernels import nvfp4_linear, prepare_nvfp4
+from fp4reason.kernels import nvfp4_linear, nvfp4_silu_mul, prepare_nvfp4
 
 MODELS = {
     "Llama-3.1-8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
@@ -126,6 +126,7 @@ def bench_shape(
     only_ours: bool = False,
     variants=(0, 4, 5),
     grids=(),
+    gated: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     w = quantize_nvfp4(torch.randn(n, k, device="cuda") * 0.02)
@@ -156,6 +157,10 @@ def bench_shape(
             fk._pdl = flag
             row[f"ours_pdl{flag}"] = time_calls([lambda c=c, x=x: nvfp4_linear(x, c) for c in nvs])
         fk._pdl = pdl
+        if gated:  # gate_up with the silu(gate) * up epilogue: what the engine's MLP runs
+            gts = [prepare_nvfp4(c, gated=True) for c in [w] + [cts[0]] * (r_nv - 1)]
+            row["ours_gated"] = time_calls([lambda c=c, x=x: nvfp4_silu_mul(x, c) for c in gts])
+            del gts
         per_sm = fk._ctas_per_sm
         for g in grids:  # grid policies: CTAs per SM (stream-K), 0 = split-K
             fk._ctas_per_sm = g
@@ -226,11 +231,16 @@ def main() -> int:
     shapes = sorted({s for lin in MODELS.values() for s in lin.values()})
     variants = [int(v) for v in args.variants.split(",")]
     grids = [int(v) for v in args.grids.split(",") if v]
+    gate_ups = {lin["gate_up"] for lin in MODELS.values()}
     results = {
-        f"{n}x{k}": bench_shape(n, k, ms, args.sweep, log, args.only_ours, variants, grids) for n, k in shapes
+        f"{n}x{k}": bench_shape(
+            n, k, ms, args.sweep, log, args.only_ours, variants, grids, gated=(n, k) in gate_ups
+        )
+        for n, k in shapes
     }
     gcols = [f"cps{g}" for g in grids]
-    cols = ["ours", "ours_pdl0", "ours_pdl1", "humming", "cublas_bf16", "torch_int4", "dequant_matmul"]
+    cols = ["ours", "ours_pdl0", "ours_pdl1", "ours_gated", "humming", "cublas_bf16", "torch_int4"]
+    cols += ["dequant_matmul"]
     cols += gcols
 
     lines = [f"# NVFP4 small-M kernel bench ({props.name}, copy BW {bw / 1e12:.2f} TB/s)", ""]

@@ -30,6 +30,9 @@ from torch import nn
 from fp4reason.formats import MXFP4Tensor, NVFP4Tensor, qdq_kv4, qdq_mxfp4, qdq_nvfp4
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+# NVFP4 gate/up on CUDA with the kernel's silu(gate) * up epilogue (FP4REASON_GATED_MLP=0: the plain kernel
+# and a separate activation kernel, for A/B runs)
+_GATED_MLP = os.environ.get("FP4REASON_GATED_MLP", "1") == "1"
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -382,7 +385,8 @@ class Layer:
         self.o = Projection([attn.o_proj], fuse)
         act = getattr(cfg, "hidden_act", "silu")
         self.act_fn: Callable | None = None if act == "silu" else mlp.act_fn
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], fuse, gated=self.act_fn is None)
+        gated = self.act_fn is None and _GATED_MLP
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], fuse, gated=gated)
         self.down = Projection([mlp.down_proj], fuse)
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.in_norm, self.post_norm = hf_layer.input_layernorm, hf_layer.post_attention_layernorm
