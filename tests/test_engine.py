@@ -248,7 +248,8 @@ def _kernel_sized_model(scheme: str = "nvfp4-w4a16"):
     cfg.hidden_size, cfg.intermediate_size, cfg.head_dim = 256, 512, 64
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-    return quantize_model(model, scheme, progress=False)
+    calib = [torch.randint(0, cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(1)).tolist()]
+    return quantize_model(model, scheme, calib, progress=False)
 
 
 @pytest.mark.gpu

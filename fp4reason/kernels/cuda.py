@@ -149,22 +149,23 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
     return _workspaces[idx]
 
 
-def variant_for(m: int, n: int = 0, device: int = 0) -> int:
+def variant_for(m: int, n: int = 0, device: int = 0, gated: bool = False) -> int:
     """Kernel variant: 9 (64-row CTAs, each row tile streamed by two warps splitting k) when N gives >= 2
     such CTAs per SM without split-K, and above M = 8 (activations in registers: 3 CTAs per SM) only if
     they fit one wave: gate_up, 10 % faster than 4 at M = 1 (H100 sweep, benchmarks/NOTES.md v10). Else 4
-    (activations through the CTA's shared-memory ring, 128-row CTAs; NOTES v6)."""
+    (activations through the CTA's shared-memory ring, 128-row CTAs; NOTES v6). ``gated`` above M = 8: 4
+    (variant 9's silu(gate) * up build for 16 tokens needs 200 registers: 2 CTAs per SM; NOTES v11)."""
     if _variant is not None:
         return _variant
     blocks, sms = n // 64, _sm_count(device)
-    return 9 if blocks >= 2 * sms and (m <= 8 or blocks <= 3 * sms) else 4
+    return 9 if blocks >= 2 * sms and (m <= 8 or (blocks <= 3 * sms and not gated)) else 4
 
 
-def split_count(m: int, n: int, k: int, device: int = 0) -> int:
+def split_count(m: int, n: int, k: int, device: int = 0, gated: bool = False) -> int:
     """K-splits for an [m, k] x [n, k] call under the split-K policy (``_ctas_per_sm`` = 0): none when the
     row blocks alone give every SM a CTA; else the largest power of two that keeps the grid at or under 4
     CTAs per SM and every split at >= 4 chunks of 128 k (H100 sweep, benchmarks/NOTES.md v6)."""
-    row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m, n, device)])
+    row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m, n, device, gated)])
     sms, chunks = _sm_count(device), k // CHUNK
     if row_blocks >= sms:
         return 1
@@ -174,18 +175,19 @@ def split_count(m: int, n: int, k: int, device: int = 0) -> int:
     return s
 
 
-def grid_ctas(m: int, n: int, k: int, device: int = 0, splits: int = 0) -> int:
+def grid_ctas(m: int, n: int, k: int, device: int = 0, splits: int = 0, gated: bool = False) -> int:
     """The kernel's grid for an [m, k] x [n, k] call. The kernel cuts the row_blocks x chunks units into
     this many equal ranges (stream-K), so the count need not divide anything. ``splits`` > 0: classic
     split-K, row_blocks x splits. Else ``_ctas_per_sm`` CTAs per SM (default: 0 up to M = 8 and for
     variant 9, else 4; at most one CTA per 4 units, so each streams >= 4 chunks), or the split-K policy
     when it is 0."""
-    row_blocks, chunks = -(-n // _ROWS_PER_CTA[variant_for(m, n, device)]), k // CHUNK
+    variant = variant_for(m, n, device, gated)
+    row_blocks, chunks = -(-n // _ROWS_PER_CTA[variant]), k // CHUNK
     if splits > 0:
         return row_blocks * min(splits, chunks)
-    per_sm = (0 if m <= 8 or variant_for(m, n, device) == 9 else 4) if _ctas_per_sm is None else _ctas_per_sm
+    per_sm = (0 if m <= 8 or variant == 9 else 4) if _ctas_per_sm is None else _ctas_per_sm
     if per_sm <= 0:
-        return row_blocks * split_count(m, n, k, device)
+        return row_blocks * split_count(m, n, k, device, gated)
     return max(1, min(per_sm * _sm_count(device), row_blocks * chunks // _MIN_CHUNKS))
 
 
@@ -327,8 +329,9 @@ def nvfp4_linear_op(
         return silu_mul_reference(F.linear(x, w.dequantize(x.dtype), bias))
     out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    ctas = grid if grid > 0 else grid_ctas(m, n, k, dev)
-    whole = -(-n // _ROWS_PER_CTA[variant_for(m, n, dev)])  # one CTA per row block: needs no workspace
+    ctas = grid if grid > 0 else grid_ctas(m, n, k, dev, gated=gated)
+    variant = variant_for(m, n, dev, gated)
+    whole = -(-n // _ROWS_PER_CTA[variant])  # one CTA per row block: needs no workspace
     ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
     if ws is None:
         ctas = whole
@@ -346,7 +349,7 @@ def nvfp4_linear_op(
         k,
         ctas,
         int(x.dtype == torch.bfloat16),
-        variant_for(m, n, dev),
+        variant,
         1 if _pdl is None else _pdl,
         int(gated),
         torch.cuda.current_stream(x.device).cuda_stream,
@@ -406,7 +409,7 @@ def nvfp4_linear_cuda(
         bias = bias.to(x.dtype)
         bias = (bias[gated_rows(n, bias.device)] if gated else bias).contiguous()
     if splits > 0 and not ctas:
-        ctas = grid_ctas(x2.shape[0], n, k, splits=splits)
+        ctas = grid_ctas(x2.shape[0], n, k, splits=splits, gated=gated)
     y = torch.ops.fp4reason.nvfp4_linear(x2, t.tiled, gs, bias, n, ctas, gated)
     return y.reshape(*lead, -1)
 

@@ -130,10 +130,12 @@ __device__ __forceinline__ float round_out(float v) {
 
 // silu(gate) * up rounded where eager PyTorch rounds a bf16/fp16 MLP: the projection outputs, silu's output,
 // then the product (by store_out)
+// (__expf and a fast divide: the accurate expf's range reduction raised the register peak of the whole kernel,
+// i.e. fewer CTAs per SM; the difference is ~1 float ulp, under the bf16/fp16 rounding that follows)
 template <bool BF16>
 __device__ __forceinline__ float silu_mul(float gate, float up) {
   float gr = round_out<BF16>(gate);
-  return round_out<BF16>(gr / (1.0f + expf(-gr))) * round_out<BF16>(up);
+  return round_out<BF16>(__fdividef(gr, 1.0f + __expf(-gr))) * round_out<BF16>(up);
 }
 
 // Activation chunk in shared memory (XS variants): token row of 256 B = 16 units of 16 B, unit u = t*4 + w
@@ -141,12 +143,12 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
 // quarter-warp (two rows x four t) read eight different bank groups.
 __device__ __forceinline__ int xs_unit(int row, int u) { return u ^ (((row & 1) << 1) | (u >> 3)); }
 
-template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK>
+template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK, bool GATED>
 __global__ void __launch_bounds__(WARPS * 32)
     nvfp4_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ tiled,
                       const float* __restrict__ gscale,
                       const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ work,
-                      int* __restrict__ counters, int M, int N, int K, int gated) {
+                      int* __restrict__ counters, int M, int N, int K) {
   extern __shared__ __align__(16) uint8_t dyn_smem[];
   __shared__ uint32_t lut[256];
   __shared__ int s_last;
@@ -378,7 +380,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     // acc[r][n]: {row g, tok 2t}, {row g, tok 2t+1}, {row g+8, tok 2t}, {row g+8, tok 2t+1}
     if (c_begin == 0 && c_end == chunks) {  // the whole row block: store
       if (kw > 0) continue;
-      if (gated) {  // rows g (gate) and g + 8 (up) of each tile -> output row tile * 8 + g
+      if constexpr (GATED) {  // rows g (gate) and g + 8 (up) of each tile -> output row tile * 8 + g
 #pragma unroll
         for (int r = 0; r < RT; ++r) {
           int row = row_warp + r * 16 + g;
@@ -452,7 +454,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       for (int q = 0; q < WS_LD / 4; ++q)
         if (q * 4 <= M) __stcg(src + q, make_float4(0.f, 0.f, 0.f, 0.f));
     };
-    if (gated) {  // one output row per thread: gate row row_block + (i / 8) * 16 + i % 8, up row 8 further
+    if constexpr (GATED) {  // one output row per thread: gate row row_block + (i / 8) * 16 + i % 8, up row 8 further
       for (int i = threadIdx.x; i < ROWS_PER_CTA / 2; i += blockDim.x) {
         int row = row_block + (i >> 3) * 16 + (i & 7);
         if (row >= N) break;
@@ -488,15 +490,16 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
   constexpr int rows = WARPS / WK * RT * 16;
   constexpr int smem = WARPS * STAGES * RT * 16 * (64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0) +
                        WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
-  auto kern = nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK>;
+  auto kern = gated ? nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, true>
+                    : nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, false>;
   if constexpr (smem > 48 * 1024) {
-    static bool configured[64] = {};  // once per instantiation and device
+    static bool configured[2][64] = {};  // once per kernel and device
     int dev = 0;
     cudaGetDevice(&dev);
-    if (dev >= 64 || !configured[dev]) {
+    if (dev >= 64 || !configured[gated != 0][dev]) {
       cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) return (int)e;
-      if (dev < 64) configured[dev] = true;
+      if (dev < 64) configured[gated != 0][dev] = true;
     }
   }
   if ((!work || !counters) && ctas != (N + rows - 1) / rows) return (int)cudaErrorInvalidValue;
@@ -511,7 +514,7 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, kern, x, tiled, gs, bias, out, work, counters, M, N, K, gated);
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kern, x, tiled, gs, bias, out, work, counters, M, N, K);
   return e != cudaSuccess ? (int)e : (int)cudaGetLastError();
 }
 
