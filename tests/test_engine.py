@@ -257,7 +257,7 @@ def _kernel_sized_model(scheme: str = "nvfp4-w4a16"):
 def test_cuda_gated_mlp_equals_separate_activation(scheme):
     """On CUDA the engine's gate/up projection applies silu(gate) * up in the kernel's epilogue; the MLP
     output equals the un-gated projection followed by torch's silu * up, then the same down projection."""
-    from fp4reason.engine.model import Ops, Projection, _eps
+    from fp4reason.engine.model import Ops, Projection
     from fp4reason.kernels import silu_mul_reference
 
     model = _kernel_sized_model(scheme).cuda()
@@ -271,9 +271,12 @@ def test_cuda_gated_mlp_equals_separate_activation(scheme):
         x = torch.randn(3, 1, 256, device="cuda", dtype=torch.bfloat16)
         delta = torch.randn_like(x)
         _, got = layer._mlp(x, delta, ops)
-        h = ops.add_rms_norm(x, delta, layer.post_norm.weight, _eps(layer.post_norm))[1]
-        a = silu_mul_reference(plain(h, ops))
-        want = layer.down(ops.act_nvfp4(a, layer.down.input_global_scale) if layer.down.folds_act(ops) else a)
+        _, gu = layer._norm_proj(x, delta, layer.post_norm, plain, ops)  # the same norm (and input quantizer)
+        a = silu_mul_reference(gu)
+        if layer.down.folds_act(ops):
+            want = layer.down(ops.act_nvfp4(a, layer.down.input_global_scale), ops, quantized=True)
+        else:
+            want = layer.down(a, ops)
         assert got.shape == want.shape == (3, 1, 256)
         rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert rel < 2e-2, (scheme, ops.compiled, rel)

@@ -51,10 +51,12 @@ BF16 = pytest.param(torch.bfloat16, marks=NEEDS_GPU_FOR_BF16)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
 @pytest.mark.parametrize(
-    "h,hkv,d,norm,splits", [(4, 2, 16, True, 1), (8, 2, 32, False, 3), (4, 4, 64, True, None)]
+    "h,hkv,d,norm,splits",
+    [(4, 2, 16, True, 1), (8, 2, 32, False, 3), (4, 4, 64, True, None), (8, 2, 32, True, 4)],
 )
 def test_fused_kernel_matches_float64(dtype, h, hkv, d, norm, splits):
-    """GQA and MHA, left padding (a row with one cached token), 1 / several / automatic KV splits."""
+    """GQA and MHA, left padding (a row with one cached token), 1 / several / automatic KV splits; 4 splits
+    of the 4 blocks is the one-block-per-program path (K/V loaded before q)."""
     b, s_max, kv_len, slot = 3, 80, 64, 45
     start = torch.tensor([0, 17, slot - 1], device=DEV)
     qkv, kc, vc, qw, kw = _case(b, h, hkv, d, s_max, dtype, norm)

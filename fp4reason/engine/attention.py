@@ -67,12 +67,15 @@ def _attn_fwd(
     n0 = base + sp * per
     n1 = tl.minimum(n0 + per, hi)
     n_off = tl.arange(0, BLOCK_N)
-    # the first block's K and V are requested before q is read and processed, so the three loads share one
-    # DRAM round trip (nothing here reads the slot this kernel writes, and the write comes last)
-    s = n0 + n_off
-    sm = (s >= lo) & (s < n1)
-    k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
-    v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+    if ITERS == 1:
+        # one block per program (short contexts, small batches): its K and V are requested before q is read
+        # and processed, so the loads share DRAM round trips (nothing here reads the slot this kernel
+        # writes, and the write comes last). Longer loops keep their loads inside, where Triton pipelines
+        # them (loads carried across iterations were slower at batch 8-16 on the H200, NOTES v11).
+        s = n0 + n_off
+        sm = (s >= lo) & (s < n1)
+        k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
     if FUSED:
         # Q is the projection row: q heads 0..H-1, k heads H.., v heads H+HKV.. (head stride D)
         half = D // 2
@@ -109,6 +112,11 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for i in range(ITERS):  # a static trip count: blocks past this split's end load nothing
+        if ITERS > 1:
+            s = n0 + i * BLOCK_N + n_off
+            sm = (s >= lo) & (s < n1)
+            kvmask = sm[:, None] & dm[None, :]
+            k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
         if IEEE:
             qk = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -118,17 +126,14 @@ def _attn_fwd(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if ITERS > 1:
+            v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=kvmask, other=0.0)
         if IEEE:
             pv = tl.dot(p.to(dt), v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(dt), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-        # the next block's K and V together (past the last iteration the mask is empty: no memory traffic)
-        s = s + BLOCK_N
-        sm = (s >= lo) & (s < n1) & (i + 1 < ITERS)
-        k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
-        v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
     if FUSED:  # the new token, in split 0 only, which also writes it into the cache
         first = sp == 0
         tl.store(kc_row + slot * stride_cs + d, k_new, mask=dm & first)
