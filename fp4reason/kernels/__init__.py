@@ -23,6 +23,14 @@ from fp4reason.kernels.reference import (
 mxfp4_linear = mxfp4_linear_reference
 
 
+def _cuda_input(x: torch.Tensor, w, act_quant: bool, input_global_scale) -> torch.Tensor:
+    """A CUDA call's checked input, NVFP4-quantized first for W4A4 (``act_quant``)."""
+    _check_input(x, w.shape[1])
+    if w.device != x.device:
+        raise ValueError(f"input is on {x.device} but the NVFP4 weight is on {w.device}")
+    return qdq_nvfp4(x, input_global_scale) if act_quant else x
+
+
 def nvfp4_linear(
     x: torch.Tensor,
     w: NVFP4Tensor | TiledNVFP4,
@@ -39,12 +47,7 @@ def nvfp4_linear(
         if isinstance(w, TiledNVFP4):
             w = w.to_nvfp4()
         return nvfp4_linear_reference(x, w, bias, act_quant=act_quant, input_global_scale=input_global_scale)
-    _check_input(x, w.shape[1])
-    if w.device != x.device:
-        raise ValueError(f"input is on {x.device} but the NVFP4 weight is on {w.device}")
-    if act_quant:
-        x = qdq_nvfp4(x, input_global_scale)
-    return nvfp4_linear_cuda(x, w, bias)
+    return nvfp4_linear_cuda(_cuda_input(x, w, act_quant, input_global_scale), w, bias)
 
 
 def nvfp4_silu_mul(
@@ -66,11 +69,7 @@ def nvfp4_silu_mul(
         return silu_mul_reference(
             nvfp4_linear(x, w, bias, act_quant=act_quant, input_global_scale=input_global_scale)
         )
-    _check_input(x, w.shape[1])
-    if w.device != x.device:
-        raise ValueError(f"input is on {x.device} but the NVFP4 weight is on {w.device}")
-    if act_quant:
-        x = qdq_nvfp4(x, input_global_scale)
+    x = _cuda_input(x, w, act_quant, input_global_scale)
     if n % 16:  # the kernel's gated tiles hold 8 gate and 8 up rows
         return silu_mul_reference(nvfp4_linear_cuda(x, w, bias))
     return nvfp4_linear_cuda(x, w, bias, gated=True)
