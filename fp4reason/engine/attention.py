@@ -41,33 +41,49 @@ def _attn_fwd(
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS, ITERS: tl.constexpr,
     ONE_SPLIT: tl.constexpr, FUSED: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, EARLY_KV: tl.constexpr, KV_LEN,
 ):  # fmt: skip
-    if PDL:  # everything below reads what earlier kernels wrote; the next kernel may start its prologue
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
     sp = tl.program_id(2)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    n_off = tl.arange(0, BLOCK_N)
+    kc_row = KC + b * stride_cb + kh * stride_ch
+    vc_row = VC + b * stride_cb + kh * stride_ch
+    if EARLY_KV:
+        # one block per program at a static place (block sp of the bucket), requested before the wait for
+        # the previous kernel: the cache slots read here were written by earlier decode steps (this kernel
+        # writes the new slot, last), so they overlap the qkv projection's tail. Slots outside the row's
+        # range are masked after the load (they may hold stale values).
+        s = sp * BLOCK_N + n_off
+        inb = (s < KV_LEN)[:, None] & dm[None, :]
+        k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=inb, other=0.0)
+        v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=inb, other=0.0)
+    if PDL:  # everything below reads what earlier kernels wrote; the next kernel may start its prologue
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(Slot)
     start = tl.load(Start + b)
     dt = KC.dtype.element_ty
     g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    gm, dm = g < G, d < D
+    gm = g < G
     qmask = gm[:, None] & dm[None, :]
     qh = kh * G + g
     q_ptr = Q + b * stride_qb + qh[:, None] * stride_qh
-    kc_row = KC + b * stride_cb + kh * stride_ch
-    vc_row = VC + b * stride_cb + kh * stride_ch
     hi = slot if FUSED else slot + 1  # fused: the cache holds slots < slot, the new one comes from registers
     lo = start
-    base = (lo // BLOCK_N) * BLOCK_N
-    per = tl.cdiv(tl.cdiv(hi - base, BLOCK_N), SPLITS) * BLOCK_N
-    n0 = base + sp * per
-    n1 = tl.minimum(n0 + per, hi)
-    n_off = tl.arange(0, BLOCK_N)
-    if ITERS == 1:
+    if EARLY_KV:
+        n0 = sp * BLOCK_N
+        n1 = tl.minimum(n0 + BLOCK_N, hi)
+        sm = (s >= lo) & (s < n1)
+        v = tl.where(sm[:, None], v, 0.0)  # a stale NaN must not reach p @ v through p = 0
+    else:
+        base = (lo // BLOCK_N) * BLOCK_N
+        per = tl.cdiv(tl.cdiv(hi - base, BLOCK_N), SPLITS) * BLOCK_N
+        n0 = base + sp * per
+        n1 = tl.minimum(n0 + per, hi)
+    if ITERS == 1 and not EARLY_KV:
         # one block per program (short contexts, small batches): its K and V are requested before q is read
         # and processed, so the loads share DRAM round trips (nothing here reads the slot this kernel
         # writes, and the write comes last). Longer loops keep their loads inside, where Triton pipelines
@@ -178,6 +194,9 @@ def _attn_reduce(
     tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=dm)
 
 
+_EARLY_KV = os.environ.get("FP4REASON_ATTN_EARLY_KV", "1") != "0"  # A/B switch (benchmarks/NOTES.md v12)
+
+
 @functools.cache
 def _kernels():
     return triton.jit(_attn_fwd), triton.jit(_attn_reduce)
@@ -205,20 +224,34 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def partition(batch: int, n_kv: int, kv_len: int, device, block_n: int = 64, splits: int | None = None):
-    """(KV splits, blocks per split) for a static ``kv_len`` bucket.
+def partition(
+    batch: int, n_kv: int, kv_len: int, device, block_n: int | None = None, splits: int | None = None
+) -> tuple[int, int, int]:
+    """(KV splits, blocks per split, block size) for a static ``kv_len`` bucket.
 
-    A split reads at most ``iters`` blocks of ``block_n`` slots (a compile-time trip count; a power of
-    two, so few variants compile): the smallest that still leaves ~2 waves of programs on the device.
+    A split reads at most ``iters`` blocks (a compile-time trip count, a power of two, so few variants
+    compile; Triton pipelines the loop): the largest up to 16 that still leaves >= 3/4 of a wave of programs,
+    since one long pipelined loop per program beats many short programs (H200 sweep, benchmarks/NOTES.md
+    v12: batch 16 at 1K context 30.3 -> 22.0 µs per layer). 16 blocks become 8 blocks of twice the size when
+    those programs fit one wave (a 128-slot block's pipeline stages leave one program per SM), else 8
+    (16-trip loops were not measured). ``block_n`` default: 64 on CUDA, 16 on the CPU (the interpreter tests
+    then cover splits).
     """
+    dev = torch.device(device)
+    auto_block = block_n is None
+    block_n = block_n or (64 if dev.type == "cuda" else 16)
     blocks = -(-kv_len // block_n)
-    if splits is None:
-        programs = batch * n_kv * blocks  # one block per program
-        iters = 1
-        while iters < min(16, blocks) and programs // (2 * iters) >= 2 * _num_sms(torch.device(device)):
-            iters *= 2
-        return -(-blocks // iters), iters
-    return splits, -(-blocks // splits)
+    if splits is not None:
+        return splits, -(-blocks // splits), block_n
+    enough = 0.75 * _num_sms(dev)
+    iters = 1
+    while iters < min(16, blocks) and batch * n_kv * -(-blocks // (2 * iters)) >= enough:
+        iters *= 2
+    if auto_block and iters == 16:
+        iters, wide = 8, -(-kv_len // (2 * block_n))
+        if batch * n_kv * -(-wide // iters) <= _num_sms(dev):
+            block_n, blocks = 2 * block_n, wide
+    return -(-blocks // iters), iters, block_n
 
 
 def decode_attention(
@@ -240,6 +273,8 @@ def decode_attention(
     eps: float = 0.0,
     splits: int | None = None,
     block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention of one token per row; returns [B, H * D] in the cache dtype.
 
@@ -286,8 +321,7 @@ def decode_attention(
     if q2.dtype != dt:
         raise ValueError(f"q dtype {q2.dtype} != cache dtype {dt}")
     g = n_heads // n_kv
-    block_n = block_n or (64 if dev.type == "cuda" else 16)  # small blocks: the interpreter tests splits
-    splits, iters = partition(b, n_kv, kv_len, dev, block_n, splits)
+    splits, iters, block_n = partition(b, n_kv, kv_len, dev, block_n, splits)
     out = torch.empty(b, n_heads, d, dtype=dt, device=dev)
     if splits > 1:
         acc = torch.empty(b, n_heads, splits, d, dtype=torch.float32, device=dev)
@@ -298,6 +332,7 @@ def decode_attention(
     dummy = k_cache  # stands in for absent optional tensors (never read)
     block_d = triton.next_power_of_2(d)
     pdl = pdl_enabled(dev)
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     fwd[(b, n_kv, splits)](
         q2, stride_qb, stride_qh,
         k_cache, v_cache, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -309,8 +344,8 @@ def decode_attention(
         H=n_heads, HKV=n_kv, G=g, D=d,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
         ITERS=iters, ONE_SPLIT=splits == 1, FUSED=fused, HAS_NORM=q_norm is not None,
-        IEEE=dt == torch.float32, PDL=pdl,
-        num_warps=4, launch_pdl=pdl,
+        IEEE=dt == torch.float32, PDL=pdl, EARLY_KV=fused and iters == 1 and _EARLY_KV, KV_LEN=kv_len,
+        num_warps=num_warps or 4, launch_pdl=pdl, **stages,
     )  # fmt: skip
     if splits > 1:
         reduce[(b, n_heads)](
