@@ -54,13 +54,14 @@ def bench_case(caches, b: int, kv_len: int, settings, tables, bw: float) -> list
     start = torch.zeros(b, dtype=torch.long, device=dev)
     slot = torch.tensor([kv_len - 8], device=dev)
     floor_us = b * HKV * (kv_len - 8) * D * 2 * 2 / bw * 1e6
+    counters = torch.zeros(b * HKV, dtype=torch.int32, device=dev)
 
     def call(block_n=None, splits=None, warps=None, stages=None):
         for kc, vc in caches:
             decode_attention(
                 qkv, kc, vc, slot, start, n_heads=H, n_kv=HKV, scale=D**-0.5, kv_len=kv_len, cos=cos,
                 sin=sin, q_norm=qn, k_norm=kn, eps=1e-6, splits=splits, block_n=block_n, num_warps=warps,
-                num_stages=stages,
+                num_stages=stages, counters=counters,
             )  # fmt: skip
 
     splits, iters, bn = partition(b, HKV, kv_len, dev)

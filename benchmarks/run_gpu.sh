@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU-host driver: GPU tests and benchmarks, each with its own time limit, logs and JSON in $OUT.
-# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [profile]
+# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [attn] [profile]
 # (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, E2E_LIMIT, E2E_NEW; ab: AB="ENV=1 ENV=0 ..." runs a short NVFP4
-# e2e_bench once per setting, AB_BATCHES, AB_VARIANTS)
+# e2e_bench once per setting, AB_BATCHES, AB_VARIANTS; attn: the attention bench per ATTN_COMBINE setting)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -37,6 +37,10 @@ for s in $stages; do
             --variants "${AB_VARIANTS:-nvfp4-w4a16,nvfp4-w4a4}" --batches "${AB_BATCHES:-1,8}" --new-tokens 256 \
             --long-len 0 --no-compare-attn --out "$OUT/e2e_ab_${setting//[^A-Za-z0-9]/_}.json"
         done ;;
+    attn) for c in ${ATTN_COMBINE:-1 0}; do
+            step "attn_bench_combine$c" 120 env FP4REASON_ATTN_COMBINE="$c" python3 benchmarks/attn_bench.py \
+              --batches "${ATTN_BATCHES:-1,4,8,16}" --out "$OUT/attn_bench_combine$c.json"
+          done ;;
     profile) step step_profile 240 python3 benchmarks/step_profile.py --graph --layers "${PROFILE_LAYERS:-8}" \
                --batches "${PROFILE_BATCHES:-1,8}" --variants "${PROFILE_VARIANTS:-bf16,nvfp4-w4a16,nvfp4-w4a4}" ;;
     e2e) step e2e_bench "${E2E_LIMIT:-480}" python3 benchmarks/e2e_bench.py --new-tokens "${E2E_NEW:-1024}" --out "$OUT/e2e.json" ;;
