@@ -110,6 +110,71 @@ def test_stale_cache_slots_do_not_leak(monkeypatch, early_kv):
         torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("combine", [True, False])
+def test_splits_combined_in_the_kernel(monkeypatch, combine):
+    """The last split to arrive combines all splits (two rounds of partials here) and zeroes its counter, so
+    preallocated counters serve call after call; the second kernel (combine off) gives the same result."""
+    monkeypatch.setattr(A, "_COMBINE", combine)
+    monkeypatch.setattr(A, "COMBINE_REGS", 2 * 2 * 16)  # G 2, D 16: 2 splits per round, 3 rounds for 5
+    dtype, h, hkv, d, b, s_max, kv_len, slot = torch.float32, 4, 2, 16, 3, 80, 80, 70
+    start = torch.tensor([0, 17, slot - 1], device=DEV)
+    cos, sin = _rope_tables(s_max, d, dtype)
+    counters = torch.zeros(b * hkv + 2, dtype=torch.int32, device=DEV)
+    outs = []
+    for seed in (2, 3):  # fresh inputs: a combine that did not run would leave the last call's output
+        qkv, kc, vc, qw, kw = _case(b, h, hkv, d, s_max, dtype, True, seed=seed)
+        kw_ = dict(n_heads=h, n_kv=hkv, scale=d**-0.5, cos=cos, sin=sin, q_norm=qw, k_norm=kw, eps=1e-6)
+        ref, _, _ = A.decode_attention_reference(qkv.cpu(), kc.cpu(), vc.cpu(), slot, start.cpu(), **{
+            k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw_.items()
+        })  # fmt: skip
+        out = A.decode_attention(
+            qkv,
+            kc,
+            vc,
+            torch.tensor([slot], device=DEV),
+            start,
+            kv_len=kv_len,
+            splits=5,
+            counters=counters,
+            **kw_,
+        )
+        torch.testing.assert_close(out.cpu().double(), ref, atol=2e-5, rtol=2e-5)
+        assert not counters.any()
+        outs.append(out)
+    assert (outs[0] - outs[1]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="counters"):
+        A.decode_attention(
+            qkv, kc, vc, torch.tensor([slot], device=DEV), start, kv_len=kv_len, splits=5,
+            counters=counters[:4], **kw_,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+@pytest.mark.parametrize("splits,combine", [(1, True), (5, True), (1, False), (5, False)])
+def test_output_quantized_in_the_kernel(monkeypatch, dtype, splits, combine):
+    """``out_global_scale`` (W4A4's o_proj input): the output is exactly ``formats.qdq_nvfp4`` of the plain
+    output, combined in the kernel or by the second kernel (one split too: the output comes from partials)."""
+    from fp4reason.formats import nvfp4_global_scale, qdq_nvfp4
+
+    monkeypatch.setattr(A, "_COMBINE", combine)
+    h, hkv, d, b, s_max, kv_len, slot = 8, 2, 32, 3, 80, 80, 70
+    start = torch.tensor([0, 17, slot - 1], device=DEV)
+    cos, sin = _rope_tables(s_max, d, dtype)
+    qkv, kc, vc, qw, kw = _case(b, h, hkv, d, s_max, dtype, True, seed=4)
+    kw_ = dict(
+        n_heads=h, n_kv=hkv, scale=d**-0.5, kv_len=kv_len, cos=cos, sin=sin, q_norm=qw, k_norm=kw, eps=1e-6
+    )
+    args = (torch.tensor([slot], device=DEV), start)
+    plain = A.decode_attention(qkv, kc.clone(), vc.clone(), *args, splits=splits, **kw_)
+    gs = nvfp4_global_scale(plain.abs().amax().float()) * 0.5  # some blocks clamp at scale 448
+    out = A.decode_attention(qkv, kc.clone(), vc.clone(), *args, splits=splits, out_global_scale=gs, **kw_)
+    ref = qdq_nvfp4(plain, gs)
+    assert not torch.equal(ref, plain)
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="out_global_scale"):
+        A.decode_attention(qkv, kc, vc, *args, out_global_scale=gs.double(), **kw_)
+
+
 def _plain_reference(q, kc, vc, slot: int, start, scale: float):
     """Masked softmax attention in float64 over slots start[b]..slot, K/V head j serving query heads j*G.."""
     b, h, _, d = q.shape
@@ -224,6 +289,34 @@ def test_engine_kv4_matches_sdpa():
     _same_as_sdpa(model, _prompts((7, 4), seed=3), 10)
 
 
+def test_w4a4_attention_quantizes_o_proj_input(monkeypatch):
+    """With ``fold_act`` the kernel quantizes o_proj's W4A4 input itself: the same tokens and entropies as
+    quantizing in o_proj, and one quantization per layer and step fewer (counted on the CPU path)."""
+    import fp4reason.engine.model as m
+    from fp4reason.quant import quantize_model
+
+    model = quantize_model(tiny_model("qwen3"), "nvfp4-w4a4", [torch.arange(200) % 256], progress=False)
+    model = model.to(DEV)
+    calls = []
+    qdq = m.qdq_nvfp4
+    monkeypatch.setattr(m, "qdq_nvfp4", lambda *a: calls.append(1) or qdq(*a))
+    runs = []
+    for fuse in (False, True):
+        monkeypatch.setattr(m, "_ATTN_QUANT", fuse)
+        engine = Engine(model, None, max_batch_size=2, max_seq_len=32, attn="triton", kv_bucket=16)
+        engine.decoder.ops = m.Ops(fold_act=True)
+        calls.clear()
+        gens = engine.generate(_prompts((6, 3), seed=5), max_new_tokens=6, return_entropies=True)
+        runs.append((gens, len(calls)))
+    (plain, n_plain), (fused, n_fused) = runs
+    assert [g.token_ids for g in fused] == [g.token_ids for g in plain]
+    ent = lambda gens: torch.tensor([g.entropies for g in gens], dtype=torch.float64)  # noqa: E731
+    torch.testing.assert_close(ent(fused), ent(plain), atol=1e-5, rtol=1e-5)  # GPU: another o_proj kernel
+    if DEV.type == "cpu":
+        assert torch.equal(ent(fused), ent(plain))
+        assert n_plain - n_fused == 5 * len(model.model.layers)  # 5 decode steps after the prefill's token
+
+
 def test_engine_rejects_triton_without_backend(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if CUDA:
@@ -242,13 +335,15 @@ from fp4reason.engine import attention as A
 
 fn = A._kernels()[0]
 target = GPUTarget("cuda", 90, 32)
-for case in sys.argv[1:]:  # dtype,fused,one_split,early_kv,cubin path
-    dtype, fused, one, early, path = case.split(",")
+for case in sys.argv[1:]:  # dtype,fused,one_split,early_kv,combine,quant,cubin path
+    dtype, fused, one, early, combine, quant, path = case.split(",")
     consts = dict(H=32, HKV=8, G=4, D=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=64,
                   ITERS=1 if early == "1" else 4, ONE_SPLIT=one == "1", FUSED=fused == "1",
-                  HAS_NORM=fused == "1", IEEE=dtype == "fp32", PDL=True, EARLY_KV=early == "1")
+                  HAS_NORM=fused == "1", IEEE=dtype == "fp32", PDL=True, EARLY_KV=early == "1",
+                  COMBINE=combine == "1", G_P2=4, BLOCK_S=32, CHUNK_S=16, QUANT=quant == "1", RECIP=True,
+                  KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dtype])
     types = dict(Slot="*i64", Start="*i64", eps="fp32", scale="fp32", SPLITS="i32", KV_LEN="i32", Acc="*fp32",
-                 Mx="*fp32", Sm="*fp32")
+                 Mx="*fp32", Sm="*fp32", Cnt="*i32", QGS="*fp32")
     sig = {n: "constexpr" if n in consts else types.get(n, "i32" if n.startswith("stride") else "*" + dtype)
            for n in fn.arg_names}
     # what a launch with 16-byte aligned pointers and strides divisible by 16 specializes on
@@ -268,9 +363,15 @@ def test_compiles_for_hopper_without_spills(tmp_path):
         pytest.skip("triton's CUDA toolchain (ptxas) is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    # dtype, fused, one split, early K/V loads
-    cases = [("bf16", "1", "1", "0"), ("bf16", "1", "0", "0"), ("fp16", "0", "0", "0"),
-             ("bf16", "1", "0", "1")]
+    # dtype, fused, one split, early K/V loads, splits combined in the kernel (two rounds of 16), output
+    # quantized (W4A4)
+    cases = [
+        ("bf16", "1", "1", "0", "0", "0"),
+        ("bf16", "1", "0", "0", "1", "0"),
+        ("fp16", "0", "0", "0", "1", "1"),
+        ("bf16", "1", "0", "1", "1", "1"),
+        ("bf16", "1", "0", "0", "0", "0"),
+    ]
     cubins = [tmp_path / f"{'-'.join(c)}.cubin" for c in cases]
     args = [",".join((*c, str(p))) for c, p in zip(cases, cubins, strict=True)]
     run = subprocess.run([sys.executable, "-c", _HOPPER, *args], env=env, capture_output=True, text=True)

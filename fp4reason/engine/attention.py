@@ -6,7 +6,9 @@ position ``slot - start[b]``, writes the new k/v into the static cache at ``slot
 row's real slots ``start[b]..slot``; rows are left-padded as in ``fp4reason.engine.model``. One program
 serves one (row, KV head, KV split) and all G query heads of that KV head, so K/V are read once per
 split. Long contexts are split ("flash-decoding"): each split writes a partial (max, sum, unnormalized
-output) and a tiny second kernel combines them; with one split the first kernel writes the output.
+output); the last split of a (row, KV head) to arrive (an arrival counter, reset by that program) combines
+them, so the step needs no second kernel (with ``FP4REASON_ATTN_COMBINE=0``, for A/B runs, a tiny second
+kernel combines). With one split the kernel writes the output.
 The new token's key and value enter split 0 from registers, so no program reads the slot being written.
 
 ``fused=False`` is the attention alone, for KV4 (the torch path quantizes and writes the cache, the
@@ -29,19 +31,47 @@ from fp4reason.kernels.cuda import pdl_enabled
 try:
     import triton
     import triton.language as tl
+
+    from fp4reason.kernels.fakequant import qdq_nvfp4_blocks, round_bf16
 except ImportError:  # the engine's other attention paths do not need triton
     triton = tl = None
+
+
+def _as_out_dtype(o, KIND: tl.constexpr):
+    """float32 rounded to the output dtype's nearest value (KIND 1 bf16, 2 fp16, 0 fp32), on the bits for bf16
+    (the interpreter's cast truncates)."""
+    if KIND == 1:
+        o = round_bf16(o)
+    elif KIND == 2:
+        o = o.to(tl.float16).to(tl.float32)
+    return o
+
+
+def _out_value(o, QGS, R: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, RECIP: tl.constexpr,
+               KIND: tl.constexpr):  # fmt: skip
+    """The normalized output [R, BLOCK_D] as stored; QUANT: NVFP4 quantize-dequantized per 16 with tensor
+    scale QGS, as ``formats.qdq_nvfp4`` does it to the output in its dtype."""
+    if QUANT:
+        blocks = tl.reshape(_as_out_dtype(o, KIND), [R * BLOCK_D // 16, 16])
+        o = _as_out_dtype(tl.reshape(qdq_nvfp4_blocks(blocks, tl.load(QGS), RECIP), [R, BLOCK_D]), KIND)
+    return o
+
+
+if triton is not None:  # helpers the kernels call, decorated when fakequant's helpers are
+    _as_out_dtype, _out_value = triton.jit(_as_out_dtype), triton.jit(_out_value)
 
 
 def _attn_fwd(
     Q, stride_qb, stride_qh,
     KC, VC, stride_cb, stride_ch, stride_cs,
     Slot, Start, Cos, Sin, QW, KW, eps, scale,
-    Out, stride_ob, stride_oh, Acc, Mx, Sm,
+    Out, stride_ob, stride_oh, Acc, Mx, Sm, Cnt, QGS,
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS, ITERS: tl.constexpr,
     ONE_SPLIT: tl.constexpr, FUSED: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr,
-    PDL: tl.constexpr, EARLY_KV: tl.constexpr, KV_LEN,
+    PDL: tl.constexpr, EARLY_KV: tl.constexpr, KV_LEN, COMBINE: tl.constexpr, G_P2: tl.constexpr,
+    BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, QUANT: tl.constexpr, RECIP: tl.constexpr,
+    KIND: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     kh = tl.program_id(1)
@@ -164,18 +194,52 @@ def _attn_fwd(
         m_i = m_new
     if ONE_SPLIT:
         o_ptr = Out + b * stride_ob + qh[:, None] * stride_oh + d[None, :]
+        tl.static_assert(not QUANT, "a quantized output is combined from partials")
         tl.store(o_ptr, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=qmask)
     else:
         row = (b * H + qh) * SPLITS + sp  # partials [B, H, SPLITS(, D)]
         tl.store(Mx + row, m_i, mask=gm)
         tl.store(Sm + row, l_i, mask=gm)
         tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=qmask)
+        if COMBINE:
+            tl.debug_barrier()  # every thread's partial is written before this program counts as arrived
+            cnt = Cnt + b * HKV + kh
+            if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:  # the last split: combine
+                gg = tl.arange(0, G_P2)
+                gm2 = gg < G
+                prow = (b * H + kh * G + gg) * SPLITS  # partials of this KV head's query heads
+                sa = tl.arange(0, BLOCK_S)
+                rm = gm2[:, None] & (sa < SPLITS)[None, :]
+                # .cg: other SMs wrote these; read them from L2, never from a stale L1 line
+                m_all = tl.load(Mx + prow[:, None] + sa[None, :], mask=rm, other=-1e30, cache_modifier=".cg")
+                l_all = tl.load(Sm + prow[:, None] + sa[None, :], mask=rm, other=0.0, cache_modifier=".cg")
+                m_max = tl.max(m_all, 1)  # split 0 is never empty: each row's maximum is real
+                den = tl.sum(l_all * tl.exp(m_all - m_max[:, None]), 1)
+                o_acc = tl.zeros([G_P2, BLOCK_D], tl.float32)
+                for c in tl.static_range(BLOCK_S // CHUNK_S):  # [G, CHUNK_S, D] partials per round trip
+                    sc = c * CHUNK_S + tl.arange(0, CHUNK_S)
+                    rows = prow[:, None] + sc[None, :]
+                    cm = gm2[:, None] & (sc < SPLITS)[None, :]
+                    mc = tl.load(Mx + rows, mask=cm, other=-1e30, cache_modifier=".cg")
+                    parts = tl.load(
+                        Acc + rows[:, :, None] * D + d[None, None, :],
+                        mask=cm[:, :, None] & dm[None, None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    o_acc += tl.sum(parts * tl.exp(mc - m_max[:, None])[:, :, None], 1)
+                o_ptr = Out + b * stride_ob + (kh * G + gg)[:, None] * stride_oh + d[None, :]
+                o_mask = gm2[:, None] & dm[None, :]
+                o = _out_value(o_acc / den[:, None], QGS, G_P2, BLOCK_D, QUANT, RECIP, KIND)
+                tl.store(o_ptr, o.to(Out.dtype.element_ty), mask=o_mask)
+                tl.store(cnt, 0)  # every split of this (row, KV head) has arrived: ready for the next call
 
 
 def _attn_reduce(
-    Acc, Mx, Sm, Out, stride_ob, stride_oh, SPLITS,
+    Acc, Mx, Sm, Out, stride_ob, stride_oh, SPLITS, QGS,
     H: tl.constexpr, D: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    QUANT: tl.constexpr, RECIP: tl.constexpr, KIND: tl.constexpr,
 ):  # fmt: skip
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -190,11 +254,14 @@ def _attn_reduce(
     w = tl.exp(m - tl.max(m, 0))  # split 0 is never empty: the maximum is finite
     den = tl.sum(tl.load(Sm + row, mask=sm, other=0.0) * w, 0)
     acc = tl.load(Acc + row[:, None] * D + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
-    out = tl.sum(acc * w[:, None], 0) / den
+    out = tl.reshape(tl.sum(acc * w[:, None], 0) / den, [1, BLOCK_D])
+    out = tl.reshape(_out_value(out, QGS, 1, BLOCK_D, QUANT, RECIP, KIND), [BLOCK_D])
     tl.store(Out + b * stride_ob + h * stride_oh + d, out.to(Out.dtype.element_ty), mask=dm)
 
 
 _EARLY_KV = os.environ.get("FP4REASON_ATTN_EARLY_KV", "1") != "0"  # A/B switch (benchmarks/NOTES.md v12)
+_COMBINE = os.environ.get("FP4REASON_ATTN_COMBINE", "1") != "0"  # A/B switch (benchmarks/NOTES.md v12)
+COMBINE_REGS = 8192  # partial elements the combining program loads at once ([G, splits, D] fp32)
 
 
 @functools.cache
@@ -275,6 +342,8 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    counters: torch.Tensor | None = None,
+    out_global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one token per row; returns [B, H * D] in the cache dtype.
 
@@ -283,6 +352,11 @@ def decode_attention(
     at position ``slot - start[b]``, and k/v are written into the caches at ``slot``.
     ``fused=False``: ``q`` [B, H, 1, D] is final and the caches already hold slot ``slot``.
     Caches [B_max, Hkv, S, D]; rows attend to slots ``start[b]..slot`` (``slot < kv_len``).
+    ``counters``: int32 [>= B * Hkv], all zero, left zero (the splits' arrival counters; a CUDA graph needs
+    them preallocated, e.g. next to the cache); None allocates zeroed ones per call.
+    ``out_global_scale``: the next projection's static NVFP4 input scale (float32 [1]); the output is then
+    returned quantize-dequantized as ``formats.qdq_nvfp4(out, out_global_scale)`` gives it (W4A4's o_proj
+    input, without a kernel of its own).
     """
     if triton is None:
         raise RuntimeError("decode_attention needs triton")
@@ -323,14 +397,40 @@ def decode_attention(
     g = n_heads // n_kv
     splits, iters, block_n = partition(b, n_kv, kv_len, dev, block_n, splits)
     out = torch.empty(b, n_heads, d, dtype=dt, device=dev)
-    if splits > 1:
+    block_d = triton.next_power_of_2(d)
+    quant = out_global_scale is not None
+    kind = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}.get(dt)
+    if quant:
+        gs = out_global_scale
+        if gs.numel() != 1 or gs.dtype != torch.float32 or gs.device != dev:
+            raise ValueError(f"out_global_scale must be a float32 tensor of one element on {dev}")
+        if d % 16 or d != block_d or kind is None:
+            raise ValueError(
+                f"a quantized output needs head_dim a power of two >= 16 and a float cache, got {d}, {dt}"
+            )
+    # a quantized output is made from partials even with one split: [G, D] there, not the dot's padded
+    # [16, D] rows (whose divisions made ptxas spill)
+    one_split = splits == 1 and not quant
+    if not one_split:
         acc = torch.empty(b, n_heads, splits, d, dtype=torch.float32, device=dev)
         mx = torch.empty(b, n_heads, splits, dtype=torch.float32, device=dev)
         sm = torch.empty_like(mx)
     else:
         acc = mx = sm = out  # unused
     dummy = k_cache  # stands in for absent optional tensors (never read)
-    block_d = triton.next_power_of_2(d)
+    qconsts = dict(QUANT=quant, RECIP=dev.type == "cuda", KIND=kind or 0)
+    gs = out_global_scale if quant else dummy
+    g_p2, block_s = triton.next_power_of_2(g), triton.next_power_of_2(splits)
+    combine = not one_split and _COMBINE
+    chunk_s = min(block_s, max(1, COMBINE_REGS // (g_p2 * block_d)))
+    if counters is not None and (
+        counters.dtype != torch.int32 or counters.device != dev or counters.numel() < b * n_kv
+    ):
+        raise ValueError(f"counters must be int32 [>= {b * n_kv}] on {dev}")
+    if not combine:
+        counters = dummy
+    elif counters is None:
+        counters = torch.zeros(b * n_kv, dtype=torch.int32, device=dev)
     pdl = pdl_enabled(dev)
     stages = {} if num_stages is None else {"num_stages": num_stages}
     fwd[(b, n_kv, splits)](
@@ -340,17 +440,18 @@ def decode_attention(
         cos if cos is not None else dummy, sin if sin is not None else dummy,
         q_norm if q_norm is not None else dummy, k_norm if k_norm is not None else dummy,
         float(eps), float(scale),
-        out, out.stride(0), out.stride(1), acc, mx, sm,
+        out, out.stride(0), out.stride(1), acc, mx, sm, counters, gs,
         H=n_heads, HKV=n_kv, G=g, D=d,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
-        ITERS=iters, ONE_SPLIT=splits == 1, FUSED=fused, HAS_NORM=q_norm is not None,
+        ITERS=iters, ONE_SPLIT=one_split, FUSED=fused, HAS_NORM=q_norm is not None,
         IEEE=dt == torch.float32, PDL=pdl, EARLY_KV=fused and iters == 1 and _EARLY_KV, KV_LEN=kv_len,
+        COMBINE=combine, G_P2=g_p2, BLOCK_S=block_s, CHUNK_S=chunk_s, **qconsts,
         num_warps=num_warps or 4, launch_pdl=pdl, **stages,
     )  # fmt: skip
-    if splits > 1:
+    if not one_split and not combine:
         reduce[(b, n_heads)](
-            acc, mx, sm, out, out.stride(0), out.stride(1), splits,
-            H=n_heads, D=d, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, PDL=pdl,
+            acc, mx, sm, out, out.stride(0), out.stride(1), splits, gs,
+            H=n_heads, D=d, BLOCK_S=block_s, BLOCK_D=block_d, PDL=pdl, **qconsts,
             num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return out.view(b, n_heads * d)

@@ -33,6 +33,7 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 # NVFP4 gate/up on CUDA with the kernel's silu(gate) * up epilogue (FP4REASON_GATED_MLP=0: the plain kernel
 # and a separate activation kernel, for A/B runs)
 _GATED_MLP = os.environ.get("FP4REASON_GATED_MLP", "1") == "1"
+_ATTN_QUANT = os.environ.get("FP4REASON_ATTN_QUANT", "1") == "1"  # A/B switch (benchmarks/NOTES.md v12)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -393,6 +394,7 @@ class Layer:
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the decoder's cos/sin tables [S, D]
+        self.attn_counters: torch.Tensor | None = None  # the Triton attention's split counters (all zero)
         self.k_shift = getattr(attn, "k_shift", None)  # Q-FIT (fp4reason.quant.kshift): KV4 writes only
 
     def _norm_proj(self, x, delta, norm: nn.Module, proj: Projection, ops: Ops):
@@ -453,10 +455,11 @@ class Layer:
     def decode(self, x, delta, cos, sin, slot, start, mask, kv_len: int, kv4: bool, ops: Ops, attn: str):
         """x [B, 1, H] written at cache slot ``slot`` (a device tensor [1]); attends to slots < kv_len."""
         b = x.shape[0]
-        if attn == "triton" and not kv4:  # q/k norms, RoPE, cache write and attention: one kernel (+ reduce)
+        if attn == "triton" and not kv4:  # q/k norms, RoPE, cache write and attention: one kernel
             x, qkv = self._norm_proj(x, delta, self.in_norm, self.qkv, ops)
-            y = self._triton_attn(qkv, slot, start, kv_len, fused=True)
-            return self._mlp(x, self.o(y.reshape(b, 1, -1), ops), ops)
+            gs = self._o_input_scale(ops)
+            y = self._triton_attn(qkv, slot, start, kv_len, fused=True, out_global_scale=gs)
+            return self._mlp(x, self.o(y.reshape(b, 1, -1), ops, quantized=gs is not None), ops)
         x, q, k, v = self._norm_qkv(x, delta, cos, sin, ops)
         if kv4 and self.k_shift is not None:
             k = k - self.k_shift.to(k.dtype)
@@ -466,8 +469,9 @@ class Layer:
         kc.index_copy_(2, slot, k)
         vc.index_copy_(2, slot, v)
         if attn == "triton":  # KV4 keeps the torch write path above; the kernel only attends
-            y = self._triton_attn(q, slot, start, kv_len, fused=False)
-            return self._mlp(x, self.o(y.reshape(b, 1, -1), ops), ops)
+            gs = self._o_input_scale(ops)
+            y = self._triton_attn(q, slot, start, kv_len, fused=False, out_global_scale=gs)
+            return self._mlp(x, self.o(y.reshape(b, 1, -1), ops, quantized=gs is not None), ops)
         # GQA without repeating K/V: the query heads of one KV head become that head's "query positions"
         q = q.reshape(b, self.n_kv, self.n_heads // self.n_kv, self.head_dim)
         kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
@@ -477,7 +481,14 @@ class Layer:
             y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=self.scaling)
         return self._mlp(x, self.o(y.reshape(b, 1, -1), ops), ops)
 
-    def _triton_attn(self, q, slot, start, kv_len: int, fused: bool) -> torch.Tensor:
+    def _o_input_scale(self, ops: Ops) -> torch.Tensor | None:
+        """o_proj's static W4A4 input scale when the attention kernel is to quantize its output, else None."""
+        if not (_ATTN_QUANT and self.o.folds_act(ops)):
+            return None
+        gs = self.o.input_global_scale
+        return gs if gs is not None and gs.dtype == torch.float32 else None
+
+    def _triton_attn(self, q, slot, start, kv_len: int, fused: bool, out_global_scale=None) -> torch.Tensor:
         from fp4reason.engine.attention import decode_attention
 
         qn, kn = self.q_norm, self.k_norm
@@ -497,6 +508,8 @@ class Layer:
             q_norm=qn.weight if qn is not None else None,
             k_norm=kn.weight if kn is not None else None,
             eps=_eps(qn) if qn is not None else 0.0,
+            counters=self.attn_counters,
+            out_global_scale=out_global_scale,
         )
 
 
@@ -557,7 +570,9 @@ class FastDecoder:
         self.cos, self.sin = _rope_tables(hf_model, max_seq_len, self.dtype, self.device)
         l0 = self.layers[0]
         shape = (max_batch_size, l0.n_kv, max_seq_len, l0.head_dim)
+        counters = torch.zeros(max_batch_size * l0.n_kv, dtype=torch.int32, device=self.device)
         for layer in self.layers:
+            layer.attn_counters = counters  # each kernel leaves them zero for the next
             layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
             layer.rope = (self.cos, self.sin)
