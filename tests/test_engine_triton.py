@@ -166,11 +166,15 @@ def test_output_quantized_in_the_kernel(monkeypatch, dtype, splits, combine):
     )
     args = (torch.tensor([slot], device=DEV), start)
     plain = A.decode_attention(qkv, kc.clone(), vc.clone(), *args, splits=splits, **kw_)
-    gs = nvfp4_global_scale(plain.abs().amax().float()) * 0.5  # some blocks clamp at scale 448
+    gs = nvfp4_global_scale(plain.abs().amax().float()) * 2  # the largest blocks' scales clamp at 448
     out = A.decode_attention(qkv, kc.clone(), vc.clone(), *args, splits=splits, out_global_scale=gs, **kw_)
     ref = qdq_nvfp4(plain, gs)
     assert not torch.equal(ref, plain)
     assert torch.equal(out, ref)
+    q = qkv[:, : h * d].reshape(b, h, 1, d)  # fused=False (KV4): q final, the caches hold the new slot
+    kw2 = dict(n_heads=h, n_kv=hkv, scale=d**-0.5, kv_len=kv_len, fused=False, splits=splits)
+    plain = A.decode_attention(q, kc, vc, *args, **kw2)
+    assert torch.equal(A.decode_attention(q, kc, vc, *args, out_global_scale=gs, **kw2), qdq_nvfp4(plain, gs))
     with pytest.raises(ValueError, match="out_global_scale"):
         A.decode_attention(qkv, kc, vc, *args, out_global_scale=gs.double(), **kw_)
 
