@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # GPU-host driver: GPU tests and benchmarks, each with its own time limit, logs and JSON in $OUT.
-# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [attn] [profile]
+# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [attn] [profile] [grids] [srcprof]
 # (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, E2E_LIMIT, E2E_NEW; ab: AB="ENV=1 ENV=0 ..." runs a short NVFP4
 # e2e_bench once per setting, AB_BATCHES, AB_VARIANTS; attn: the attention bench per ATTN_COMBINE setting)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+# wheels carried in .whl/ (humming-kernels for the kernel bench's peer column): no index on the GPU host
+ls .whl/*.whl > /dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 stages=${*:-tests sampler fakequant qat kernel e2e}
@@ -32,6 +34,17 @@ for s in $stages; do
     qat) step qat_throughput 240 python3 benchmarks/qat_throughput.py ${QAT_MODES:+--modes "$QAT_MODES"} \
            ${QAT_PROFILE:+--profile} --out "$OUT/qat_throughput.json" ;;
     kernel) step kernel_bench 200 python3 benchmarks/kernel_bench.py --m "${KERNEL_M:-1,2,4,8,16}" --out "$OUT/kernel" ;;
+    grids) for v in ${GRID_VARIANTS:-default}; do  # CTAs-per-SM grid policies per kernel variant (0 = split-K)
+             if [ "$v" = default ]; then e=(); else e=("FP4REASON_VARIANT=$v"); fi
+             step "kernel_grids_$v" 200 env "${e[@]}" python3 \
+               benchmarks/kernel_bench.py --m "${KERNEL_M:-1,16}" --only-ours --grids "${GRIDS:-0,3,4,5,6,8}" \
+               --out /tmp/grids_$v
+             cp /tmp/grids_$v/kernel_bench.md "$OUT/kernel_grids_$v.md"
+           done ;;
+    srcprof) step ncu_source 240 ncu --clock-control none -k regex:nvfp4_gemv --launch-count "${SRC_LAUNCHES:-2}" \
+               --section SourceCounters --section WarpStateStats -f -o /tmp/src python3 benchmarks/kernel_profile.py
+             ncu -i /tmp/src.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_source_sass.csv" 2>&1
+             ncu -i /tmp/src.ncu-rep --page details > "$OUT/ncu_source_details.txt" 2>&1 ;;
     ab) for setting in ${AB:-FP4REASON_PDL_OPS=1 FP4REASON_PDL_OPS=0}; do
           step "e2e_ab_${setting//[^A-Za-z0-9]/_}" 150 env "$setting" python3 benchmarks/e2e_bench.py \
             --variants "${AB_VARIANTS:-nvfp4-w4a16,nvfp4-w4a4}" --batches "${AB_BATCHES:-1,8}" --new-tokens 256 \

@@ -129,9 +129,9 @@ def test_tiled_layout_is_a_byte_permutation():
                 for e in range(8):  # element e: magnitude bits and sign where WORD_MAG_LO / WORD_SIGN say
                     assert (got >> WORD_MAG_LO[e]) & 7 == (src >> 4 * e) & 7
                     assert (got >> WORD_SIGN[e]) & 1 == (src >> 4 * e + 3) & 1
-            for blk in range(8):
-                q, jj = divmod(blk, 4)
-                assert t.tiled[tile, c, 1024 + (g * 4 + h * 2 + q) * 4 + jj] == sb[row, c * 8 + blk]
+            for blk in range(8):  # lane g*4 + blk//2 holds the scales of its own nibbles' blocks
+                tt, jj = divmod(blk, 2)
+                assert t.tiled[tile, c, 1024 + (g * 4 + tt) * 4 + h * 2 + jj] == sb[row, c * 8 + blk]
     pad_packed, pad_scale = untile_nvfp4(t.tiled, 48)
     assert not pad_packed[n:].any() and not pad_scale[n:].view(torch.uint8).any()  # padding rows are zero
     x = torch.randn(3, k, dtype=torch.bfloat16)
@@ -361,12 +361,12 @@ def test_kernel_every_variant(monkeypatch, variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 5, 16])
-@pytest.mark.parametrize("variant", [4, 7])
+@pytest.mark.parametrize("m", [1, 3, 5, 16])
+@pytest.mark.parametrize("variant", [4, 7, 9])
 def test_kernel_any_grid(monkeypatch, m, variant):
     """Stream-K: any CTA count, so CTA ranges start and end inside row blocks, span several row blocks,
-    or are empty (more CTAs than units); the workspace is clean afterwards. Variant 7 also splits each
-    range over its 4 warps (fewer chunks than warps included)."""
+    or are empty (more CTAs than units); the workspace is clean afterwards. Variants 7 and 9 also split
+    each range over 4 or 2 warps (fewer chunks than warps included)."""
     from fp4reason.kernels import cuda as fk
 
     monkeypatch.setattr(fk, "_variant", variant)

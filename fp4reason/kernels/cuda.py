@@ -245,7 +245,8 @@ def tile_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, gated: bool = Fa
 
     Per 16-row tile and 128-k chunk: 1024 B of nibbles in lane order (half h, row g, quad lane t: rows
     h*8+g, bytes t*16..t*16+15 of the chunk, each 4-byte word bit-permuted as WORD_MAG_LO / WORD_SIGN
-    say), then 128 B of scales in lane order (lane g*4+t holds blocks 4*(t%2)..+3 of row g + 8*(t//2)).
+    say), then 128 B of scales in lane order (lane g*4+t holds blocks 2t, 2t+1 of row g, then of row g + 8:
+    the blocks of its own nibbles, so each lane copies and reads only its own bytes).
     Rows past N are zero. ``gated``: the rows of a fused [gate; up] weight in :func:`gated_rows` order first,
     for the kernel's silu(gate) * up epilogue."""
     n, kh = packed.shape
@@ -258,8 +259,8 @@ def tile_nvfp4(packed: torch.Tensor, block_scale: torch.Tensor, gated: bool = Fa
     tiles, chunks = -(-n // 16), k // CHUNK
     pad = tiles * 16 - n
     p = F.pad(packed, (0, 0, 0, pad)).view(tiles, 2, 8, chunks, 4, 16).permute(0, 3, 1, 2, 4, 5)
-    sc = F.pad(block_scale.view(torch.uint8), (0, 0, 0, pad)).view(tiles, 2, 8, chunks, 2, 4)
-    sc = sc.permute(0, 3, 2, 1, 4, 5)  # [tile, chunk, g, h, q, j]
+    sc = F.pad(block_scale.view(torch.uint8), (0, 0, 0, pad)).view(tiles, 2, 8, chunks, 4, 2)
+    sc = sc.permute(0, 3, 2, 4, 1, 5)  # [tile, chunk, g, t, h, j]
     p = _word_bytes(p.reshape(tiles, chunks, 1024))
     return torch.cat([p, sc.reshape(tiles, chunks, 128)], dim=-1).contiguous()
 
@@ -269,7 +270,7 @@ def untile_nvfp4(tiled: torch.Tensor, n: int, gated: bool = False) -> tuple[torc
     tiles, chunks, _ = tiled.shape
     p = _word_bytes(tiled[..., :1024], inverse=True)
     p = p.reshape(tiles, chunks, 2, 8, 4, 16).permute(0, 2, 3, 1, 4, 5)
-    sc = tiled[..., 1024:].reshape(tiles, chunks, 8, 2, 2, 4).permute(0, 3, 2, 1, 4, 5)
+    sc = tiled[..., 1024:].reshape(tiles, chunks, 8, 4, 2, 2).permute(0, 4, 2, 1, 3, 5)
     packed = p.reshape(tiles * 16, chunks * 64)[:n]
     scales = sc.reshape(tiles * 16, chunks * 8)[:n]
     if gated:

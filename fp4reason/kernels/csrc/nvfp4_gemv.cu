@@ -19,7 +19,9 @@
 // is permuted the same way with byte permutes, which leaves the dot product unchanged.
 //
 // Weights and scales go global->shared through a per-warp cp.async ring (4 stages by default; no CTA
-// barriers); activations are read through L1 one chunk ahead into registers. A CTA is 4 warps x RT row
+// barriers, and no warp barrier either: every lane copies and reads back only its own 32 + 4 bytes, so a
+// lane's cp.async.wait_group is all the ordering it needs); activations are read through L1 one chunk ahead
+// into registers. A CTA is 4 warps x RT row
 // tiles (RT = 1: 64 rows, the M <= 8 default; RT = 2: 128 rows, M > 8), sharing activations through
 // L1. Optional programmatic dependent launch: the first weight stages are requested before
 // griddepcontrol.wait, activations / workspace / output only after it. Split-K over gridDim.y:
@@ -43,15 +45,28 @@ constexpr int CHUNK = 128;  // k elements per lane-quad per step
 constexpr int WS_LD = 16;   // workspace row stride (tokens)
 constexpr int TILE_BYTES = 16 * 64 + 16 * 8;  // one 16-row x 128-k tile: weights + scales
 
-__device__ __forceinline__ void cp16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem));
+// shared memory through 32-bit shared-window addresses: generic pointers made ptxas recompute each address
+// (and the CTA's window base) inside the loop, ~4 instructions per weight word at 123 registers
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp16(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem));
 }
-__device__ __forceinline__ void cp4(void* smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((uint32_t)__cvta_generic_to_shared(smem)), "l"(gmem));
+__device__ __forceinline__ void cp4(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem), "l"(gmem));
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ uint4 lds128(uint32_t a) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t a) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory");
+  return v;
+}
 
 template <bool BF16>
 __device__ __forceinline__ void mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -150,7 +165,7 @@ __global__ void __launch_bounds__(WARPS * 32)
                       const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ work,
                       int* __restrict__ counters, int M, int N, int K) {
   extern __shared__ __align__(16) uint8_t dyn_smem[];
-  __shared__ uint32_t lut[256];
+  __shared__ __align__(1024) uint32_t lut[256];  // aligned: a lookup's address is one LOP3, index | base
   __shared__ int s_last;
   for (int i = threadIdx.x; i < 256; i += blockDim.x) {
     float v = e4m3_to_float(i);
@@ -183,71 +198,85 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
   for (int n = 0; n < NT; ++n) xp[n] = x + (size_t)min(n * 8 + g, M - 1) * K + t * 32;
 
-  // per-warp STAGES-deep cp.async ring of [W 32 rows x 64 B][scales 32 rows x 8 B]
+  // per-warp STAGES-deep cp.async ring of [weights RT x 1024 B][scales RT x 128 B], both in the tile's lane
+  // order: lane L's bytes at L * 16 (+ 512 for rows g + 8) and W_BYTES + L * 4
   constexpr int W_BYTES = RT * 16 * 64, S_BYTES = RT * 16 * 8, STAGE = W_BYTES + S_BYTES;
-  uint8_t* ring = dyn_smem + warp * STAGES * STAGE;
-  // tiled layout: [tile][chunk][1024 B weights in lane order (h, g, t) | 128 B scales in lane order]
-  const uint8_t* wp[RT];
-  auto issue = [&](int c, int stage) {
-    uint8_t* st = ring + stage * STAGE;
+  const uint32_t ring_w = smem_addr(dyn_smem) + warp * STAGES * STAGE + lane_id * 16;
+  const uint32_t ring_s = smem_addr(dyn_smem) + warp * STAGES * STAGE + W_BYTES + lane_id * 4;
+  const int s_off = 1024 - 12 * lane_id;  // a lane's scales past its weights in the tile chunk
+  const uint32_t lut_s = smem_addr(lut);
+  // tiled layout: [tile][chunk][1024 B weights in lane order (h, g, t) | 128 B scales in lane order];
+  // gw[r]: this lane's bytes of the next chunk to copy (issue is called for consecutive chunks)
+  const uint8_t* gw[RT];
+  auto issue = [&](int stage) {
+    const uint32_t so = stage * STAGE;
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      const uint8_t* src = wp[r] + (size_t)c * TILE_BYTES;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) cp16(st + (r * 16 + h * 8 + g) * 64 + t * 16, src + h * 512 + lane_id * 16);
-      cp4(st + W_BYTES + (r * 16 + (t >> 1) * 8 + g) * 8 + (t & 1) * 4, src + 1024 + lane_id * 4);
+      cp16(ring_w + so + r * 1024, gw[r]);
+      cp16(ring_w + so + r * 1024 + 512, gw[r] + 512);
+      cp4(ring_s + so + r * 128, gw[r] + s_off);
+      gw[r] += TILE_BYTES;
     }
   };
-  auto load_x = [&](uint4 (&xv)[NT][4], int c) {
+  // xp[n] + c * CHUNK: chunk c's activations; load_x is called for consecutive chunks from kb
+  const uint16_t* xn[NT];
+  auto load_x = [&](uint4 (&xv)[NT][4]) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int w = 0; w < 4; ++w) xv[n][w] = __ldg(reinterpret_cast<const uint4*>(xp[n] + c * CHUNK + w * 8));
+      for (int w = 0; w < 4; ++w) xv[n][w] = __ldg(reinterpret_cast<const uint4*>(xn[n] + w * 8));
+      xn[n] += CHUNK;
+    }
   };
   // XS: one CTA-wide ring of activation chunks next to the per-warp weight rings
   constexpr int XSTAGE = NT * 8 * CHUNK * 2;
-  uint8_t* xring = dyn_smem + WARPS * STAGES * STAGE;
+  const uint32_t xring = smem_addr(dyn_smem) + WARPS * STAGES * STAGE;
   // each thread copies NT units of 16 B per chunk (row = i / 16, unit = i % 16, i = thread + j * 128)
   // (rows >= M are not copied: their mma columns are never stored, and every CTA reading row M-1 for
   // them made one hot L2 line at M = 1, v5 sweep)
   const uint16_t* xsrc[NT];
-  int xdst[NT], xoff[4];
+  uint32_t xdst[NT], xoff[4];
   bool xon[NT];
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     int i = threadIdx.x + j * WARPS * 32, row = i >> 4, q = i & 15;
     xon[j] = row < M;
     xsrc[j] = x + (size_t)min(row, M - 1) * K + q * 8;
-    xdst[j] = row * 256 + xs_unit(row, q) * 16;
+    xdst[j] = xring + row * 256 + xs_unit(row, q) * 16;
   }
 #pragma unroll
-  for (int w = 0; w < 4; ++w) xoff[w] = g * 256 + xs_unit(g, t * 4 + w) * 16;
+  for (int w = 0; w < 4; ++w) xoff[w] = xring + g * 256 + xs_unit(g, t * 4 + w) * 16;
   auto issue_x = [&](int c, int stage) {
-    uint8_t* st = xring + stage * XSTAGE;
 #pragma unroll
     for (int j = 0; j < NT; ++j)
-      if (xon[j]) cp16(st + xdst[j], xsrc[j] + c * CHUNK);
+      if (xon[j]) cp16(xdst[j] + stage * XSTAGE, xsrc[j] + c * CHUNK);
   };
   auto read_x = [&](uint4 (&xv)[NT][4], int stage) {
-    const uint8_t* st = xring + stage * XSTAGE;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int w = 0; w < 4; ++w) xv[n][w] = *reinterpret_cast<const uint4*>(st + n * 8 * 256 + xoff[w]);
+      for (int w = 0; w < 4; ++w) xv[n][w] = lds128(xoff[w] + stage * XSTAGE + n * 8 * 256);
   };
   float acc[RT][NT][4];
   // the ring stage's weights and scales times activations xv, into acc
-  auto compute = [&](const uint8_t* st, const uint4 (&xv)[NT][4]) {
+  auto compute = [&](int stage, const uint4 (&xv)[NT][4]) {
+    const uint32_t so = stage * STAGE;
     uint4 wv[RT][2];
-    uint32_t sv[RT][2];
+    uint32_t sv[RT];  // scale bytes of (row g, blocks 2t, 2t+1), then (row g + 8, the same blocks)
 #pragma unroll
-    for (int r = 0; r < RT; ++r)
+    for (int r = 0; r < RT; ++r) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        wv[r][h] = *reinterpret_cast<const uint4*>(st + (r * 16 + h * 8 + g) * 64 + t * 16);
-        sv[r][h] = *reinterpret_cast<const uint16_t*>(st + W_BYTES + (r * 16 + h * 8 + g) * 8 + t * 2);
-      }
-    if constexpr (!XS) __syncwarp();  // the stage is refilled next chunk
+      for (int h = 0; h < 2; ++h) wv[r][h] = lds128(ring_w + so + r * 1024 + h * 512);
+      sv[r] = lds32(ring_s + so + r * 128);
+    }
+    uint32_t sc[RT][2][2];  // the LUT entry (scale * 2^119 or 2^7, twice) of byte h * 2 + j of sv[r]
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      sc[r][0][0] = lds32(lut_s | ((sv[r] << 2) & 0x3FC));
+      sc[r][0][1] = lds32(lut_s | ((sv[r] >> 6) & 0x3FC));
+      sc[r][1][0] = lds32(lut_s | ((sv[r] >> 14) & 0x3FC));
+      sc[r][1][1] = lds32(lut_s | ((sv[r] >> 22) & 0x3FC));
+    }
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
 #pragma unroll
@@ -256,7 +285,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           decode_word<BF16>(reinterpret_cast<const uint32_t*>(&wv[r][h])[w], p[h]);
-          uint32_t s = lut[(sv[r][h] >> ((w >> 1) * 8)) & 0xFF];
+          const uint32_t s = sc[r][h][w >> 1];
 #pragma unroll
           for (int i = 0; i < 4; ++i) p[h][i] = hmul2<BF16>(p[h][i], s);
         }
@@ -281,8 +310,10 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       int tile = min((row_warp + r * 16) / 16, tiles - 1);
-      wp[r] = tiled + (size_t)tile * chunks * TILE_BYTES;
+      gw[r] = tiled + ((size_t)tile * chunks + kb) * TILE_BYTES + lane_id * 16;
     }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) xn[n] = xp[n] + (size_t)kb * CHUNK;
 #pragma unroll
     for (int r = 0; r < RT; ++r)
 #pragma unroll
@@ -292,7 +323,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     if (!first) __syncthreads();  // every warp is done with the last segment's activation ring and s_last
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
-      if (kb + i < ke) issue(kb + i, i);
+      if (kb + i < ke) issue(i);
       cp_commit();
     }
     if (first) {
@@ -317,33 +348,32 @@ __global__ void __launch_bounds__(WARPS * 32)
         {
           int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
           if (cn < c_end) {
-            issue(cn, sn);
+            issue(sn);
             issue_x(cn, sn);
           }
           cp_commit();
         }
         uint4 xv[NT][4];
         read_x(xv, stage);
-        compute(ring + stage * STAGE, xv);
+        compute(stage, xv);
         stage = stage == STAGES - 1 ? 0 : stage + 1;
       }
     } else {
       // one chunk: refill the ring, prefetch the next chunk's activations into xn, multiply with xv
-      auto step = [&](int c, const uint4 (&xv)[NT][4], uint4 (&xn)[NT][4]) {
+      auto step = [&](int c, const uint4 (&xv)[NT][4], uint4 (&xnext)[NT][4]) {
         {
           int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
-          if (cn < ke) issue(cn, sn);
+          if (cn < ke) issue(sn);
           cp_commit();
         }
-        if (c + 1 < ke) load_x(xn, c + 1);
+        if (c + 1 < ke) load_x(xnext);
         cp_wait<STAGES - 1>();
-        __syncwarp();
-        const uint8_t* st = ring + stage * STAGE;
+        const int st = stage;
         stage = stage == STAGES - 1 ? 0 : stage + 1;
         compute(st, xv);
       };
       uint4 xa[NT][4], xb[NT][4];
-      if (kb < ke) load_x(xa, kb);
+      if (kb < ke) load_x(xa);
       int c = kb;
       for (; c + 1 < ke; c += 2) {  // two chunks per trip: the activation buffers swap roles, no copies
         step(c, xa, xb);
