@@ -528,7 +528,10 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
     cudaGetDevice(&dev);
     if (dev >= 64 || !configured[gated != 0][dev]) {
       cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return (int)e;
+      if (e != cudaSuccess) {
+        cudaGetLastError();
+        return (int)e;
+      }
       if (dev < 64) configured[gated != 0][dev] = true;
     }
   }
@@ -545,7 +548,9 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
   cudaError_t e = cudaLaunchKernelEx(&cfg, kern, x, tiled, gs, bias, out, work, counters, M, N, K);
-  return e != cudaSuccess ? (int)e : (int)cudaGetLastError();
+  // a failed launch also sets the thread's last error: clear it, so a later call does not report it again
+  if (e != cudaSuccess) cudaGetLastError();
+  return (int)e;
 }
 
 // variant: 0 = 2 row tiles per warp, 4 stages; 1 = 2 tiles, 6 stages; 2 = 1 tile, 4 stages; 3 = 1 tile, 8 stages;
