@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_config, tiny_model
 
 from fp4reason.engine import Engine
+from fp4reason.engine.engine import check_finite_steps
 from fp4reason.sampling import SamplerConfig
 
 GREEDY = SamplerConfig(mode="greedy")
@@ -163,6 +164,24 @@ def test_eos_stops_each_row():
         assert g.token_ids == ref
         assert g.finish_reason == ("eos" if ref[-1] == eos else "length")
     assert gens[0].token_ids == free[0][: free[0].index(eos) + 1] and gens[0].finish_reason == "eos"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_non_finite_logits_raise(device):
+    """Logits that turn NaN (one lm_head row NaN: that token's logit is NaN) stop generate with a clear error,
+    from the sampler's own check on CPU, from the recorded entropies after a graph decode on CUDA (whose
+    fused greedy sampler once returned token 2**31 - 1 there, and the next step's embedding lookup hit a
+    device assert)."""
+    model = tiny_model("qwen3").to(device)
+    with torch.no_grad():
+        model.lm_head.weight[7] = float("nan")
+    with pytest.raises(ValueError, match="NaN/"):
+        Engine(model, None, max_batch_size=2, max_seq_len=64).generate(_prompts((4, 6)), max_new_tokens=5)
+    nan = float("nan")
+    ents = [[0.5, 1.0, nan], [0.1, 0.2, nan]]
+    check_finite_steps(ents, [2, 2])  # NaNs past each row's last token (a row that stopped early) are fine
+    with pytest.raises(ValueError, match=r"rows \[1\] .*row 1 from generated token 2 on"):
+        check_finite_steps(ents, [2, 3])
 
 
 def test_chunks_and_batch_invariance():

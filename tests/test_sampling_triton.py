@@ -137,6 +137,23 @@ def test_entropy_and_greedy_token_against_float64(dtype):
     assert H[2] == 0 and g[2] == 33 and g[3] == 17
 
 
+def test_nan_logits_give_torch_argmax_token():
+    """A row with NaN logits (a broken model) gets torch.argmax's token, the first NaN, in range, and a NaN
+    entropy; it used to get 2**31 - 1, which crashed the next step's embedding lookup on a device assert."""
+    gen = torch.Generator().manual_seed(5)
+    V = 70
+    x = torch.randn(4, V, generator=gen)
+    x[0, 50] = x[0, 3] = float("nan")  # two chunks with NaN (block 16): the first index wins
+    x[1, :] = float("nan")
+    x[2, 20] = float("nan")
+    x[2, 60] = x[2].nan_to_num().max() + 5  # a larger finite logit after the NaN
+    x = x.to(DEV)
+    for block in (16, 128):
+        H, g, _, _ = fz.entropy_temperature(x, block=block)
+        assert g.tolist()[:3] == [3, 0, 20] and torch.equal(g, x.argmax(-1)), block
+        assert torch.isnan(H[:3]).all() and torch.isfinite(H[3])
+
+
 @pytest.mark.parametrize(
     "config",
     [

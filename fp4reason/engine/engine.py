@@ -7,6 +7,7 @@ next input and records tokens, entropies and temperatures in device history buff
 the new token ids, one step behind, so the GPU never waits for it. On a CPU the same step runs eagerly.
 """
 
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -360,7 +361,8 @@ class Engine:
         )
 
         toks = st.hist_tok[:, t : t + max_new].tolist()
-        ents = st.hist_ent[:, t : t + max_new].tolist() if diagnostics else None
+        ents = st.hist_ent[:, t : t + max_new].tolist()
+        check_finite_steps(ents, n_out)
         temps = st.hist_temp[:, t : t + max_new].tolist() if diagnostics else None
         gens = []
         for r in range(b):
@@ -376,6 +378,20 @@ class Engine:
                 )
             )
         return gens
+
+
+def check_finite_steps(ents: list[list[float]], n_out: list[int]) -> None:
+    """Raise if a generated token came from non-finite logits (its entropy is NaN: a NaN or +inf logit, or
+    all -inf). The CPU sampler checks every step's logits itself; a CUDA-graph step cannot stop the host, so
+    the check runs once on the recorded entropies after the decode."""
+    bad = [(r, row[:n].index(h)) for r, (row, n) in enumerate(zip(ents, n_out, strict=True))
+           for h in row[:n] if math.isnan(h)]  # fmt: skip
+    if bad:
+        rows = sorted({r for r, _ in bad})
+        raise ValueError(
+            f"logits of rows {rows[:8]} were NaN/+Inf or entirely -Inf (row {bad[0][0]} from generated token "
+            f"{bad[0][1]} on): the model is broken (check its weights, scales or kernels)"
+        )
 
 
 def _state_tensors(engine: Engine, st: _Batch) -> list[torch.Tensor]:

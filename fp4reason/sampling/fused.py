@@ -31,8 +31,14 @@ def _partials(x_ptr, stride_x, V, pm_ptr, pi_ptr, ps_ptr, pt_ptr, NC, BLOCK: tl.
     offs = c * BLOCK + tl.arange(0, BLOCK)
     inb = offs < V
     x = tl.load(x_ptr + r.to(tl.int64) * stride_x + offs, mask=inb, other=float("-inf")).to(tl.float32)
-    m = tl.max(x, axis=0)
+    # torch.argmax's rule: a NaN is the maximum, the first NaN wins (a NaN never equals the max, so the
+    # plain rule left the token at _BIG: an out-of-range id for the next step's embedding lookup)
+    nan = x != x
+    i_nan = tl.min(tl.where(nan, offs, _BIG), axis=0)
+    m = tl.max(tl.where(nan, float("-inf"), x), axis=0)
     i = tl.min(tl.where((x == m) & inb, offs, _BIG), axis=0)
+    i = tl.where(i_nan < _BIG, i_nan, i)
+    m = tl.where(i_nan < _BIG, float("nan"), m)
     d = x - tl.where(m == float("-inf"), 0.0, m)
     e = tl.exp(d)  # -inf logits give 0
     s = tl.sum(e, axis=0)
@@ -71,6 +77,8 @@ def _combine_step(
     S1 = tl.where(S > 0.0, S, 1.0)  # S = 0: an all -inf row (or a padding row); torch gives NaN there
     H = tl.where(S > 0.0, tl.log(S1) - tl.sum(f * (t + dm * s), axis=1) / S1, float("nan"))
     g = tl.min(tl.where(mk & (m == M[:, None]), i, _BIG), axis=1)
+    g_nan = tl.min(tl.where(mk & (m != m), i, _BIG), axis=1)  # chunks in order: the first NaN overall
+    g = tl.where(g_nan < _BIG, g_nan, g)
     tl.store(h_ptr + rows, H, mask=rm)
     tl.store(g_ptr + rows, g.to(tl.int64), mask=rm)
     if STATEFUL:
