@@ -508,3 +508,48 @@ def test_kernel_gated_nan_propagates():
     for splits in (1, 4):
         y = nvfp4_linear_cuda(x, w, splits=splits, gated=True)
         assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all(), splits
+
+
+def _late_copy_kernel():
+    """A Triton kernel for programmatic dependent launch that lets the next kernel start at once, then spins
+    ``ns`` nanoseconds before copying ``src`` into ``dst``: a producer that is slow to write."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def late_copy(src, dst, n, ns, BLOCK: tl.constexpr):
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+        t0 = tl.extra.cuda.globaltimer()
+        while tl.extra.cuda.globaltimer() - t0 < ns:
+            pass
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+
+    return late_copy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [0, 4, 7, 9])
+def test_kernel_reads_activations_only_after_the_pdl_wait(monkeypatch, variant):
+    """Under programmatic dependent launch the kernel starts while the kernel before it still runs; it must
+    read its activations only after griddepcontrol.wait. The producer here writes them 20 us after letting
+    the kernel launch, over a NaN-poisoned buffer. (With __ldg, ptxas hoisted the first activation loads
+    above the wait: variants with register activations read the poison, W4A4 decoding turned NaN.)"""
+    from fp4reason.kernels import cuda as fk
+
+    monkeypatch.setattr(fk, "_variant", variant)
+    monkeypatch.setattr(fk, "_pdl", 1)
+    late_copy = _late_copy_kernel()
+    n, k = 4096, 4096
+    w = prepare_nvfp4(_gpu_weight(n, k, seed=11))
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = _ref64(x, w)
+        for _ in range(3):
+            dst = torch.full_like(x, float("nan"))
+            torch.cuda.synchronize()
+            late_copy[(-(-x.numel() // 1024),)](x, dst, x.numel(), 20_000, BLOCK=1024, launch_pdl=True)
+            y = fk.nvfp4_linear_cuda(dst, w)
+            torch.cuda.synchronize()
+            assert torch.equal(dst, x) and torch.isfinite(y).all() and _rel(y, ref) < 1e-2, (variant, m)

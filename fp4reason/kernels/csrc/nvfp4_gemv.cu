@@ -62,6 +62,15 @@ __device__ __forceinline__ uint4 lds128(uint32_t a) {
   asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
   return v;
 }
+// Activations: a coherent load, not __ldg. ld.global.nc promises the data is read-only for the kernel's
+// lifetime, so ptxas hoisted the first chunk's loads above griddepcontrol.wait (the PTX order was right),
+// i.e. under programmatic dependent launch the kernel read its input before the kernel writing it was done
+// (W4A4 decode: NaN from stale activations). volatile keeps NVVM from moving it above the wait's asm.
+__device__ __forceinline__ uint4 ldg_coherent(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
 __device__ __forceinline__ uint32_t lds32(uint32_t a) {
   uint32_t v;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory");
@@ -224,7 +233,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
 #pragma unroll
-      for (int w = 0; w < 4; ++w) xv[n][w] = __ldg(reinterpret_cast<const uint4*>(xn[n] + w * 8));
+      for (int w = 0; w < 4; ++w) xv[n][w] = ldg_coherent(xn[n] + w * 8);
       xn[n] += CHUNK;
     }
   };
