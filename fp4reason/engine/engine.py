@@ -384,13 +384,16 @@ def check_finite_steps(ents: list[list[float]], n_out: list[int]) -> None:
     """Raise if a generated token came from non-finite logits (its entropy is NaN: a NaN or +inf logit, or
     all -inf). The CPU sampler checks every step's logits itself; a CUDA-graph step cannot stop the host, so
     the check runs once on the recorded entropies after the decode."""
-    bad = [(r, row[:n].index(h)) for r, (row, n) in enumerate(zip(ents, n_out, strict=True))
-           for h in row[:n] if math.isnan(h)]  # fmt: skip
-    if bad:
-        rows = sorted({r for r, _ in bad})
+    first_bad = {}  # row -> its first generated token with a NaN entropy
+    for r, (row, n) in enumerate(zip(ents, n_out, strict=True)):
+        i = next((i for i, h in enumerate(row[:n]) if math.isnan(h)), None)
+        if i is not None:
+            first_bad[r] = i
+    if first_bad:
+        r0 = min(first_bad)
         raise ValueError(
-            f"logits of rows {rows[:8]} were NaN/+Inf or entirely -Inf (row {bad[0][0]} from generated token "
-            f"{bad[0][1]} on): the model is broken (check its weights, scales or kernels)"
+            f"logits of rows {sorted(first_bad)[:8]} were NaN/+Inf or entirely -Inf (row {r0} from generated "
+            f"token {first_bad[r0]} on): the model is broken (check its weights, scales or kernels)"
         )
 
 
