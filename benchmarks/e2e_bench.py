@@ -3,7 +3,8 @@
 A Qwen3-8B-shaped model with random weights (built from its config on the GPU), batch 1/4/8/16, a
 512-token prompt, 1,024 new tokens, plus one long batch-1 run to 8K tokens. For every run: ms per decode
 step, tokens/s, bytes read per step (weights + lm_head + KV at the current length), achieved bandwidth and
-the ratio to the byte floor at the device's measured copy bandwidth. Also: ReSET's share of a batch-1 step.
+the ratio to the byte floor at the device's measured copy bandwidth. Also: ReSET's and the sampler's share of
+a batch-1 and a batch-8 step.
 Decode attention is the fused Triton kernel (``--attn triton``); ``--compare-attn`` times NVFP4 W4A16 with
 SDPA too and counts the GPU kernels per step both ways.
 
@@ -196,7 +197,7 @@ def main() -> int:
     ap.add_argument(
         "--long-len", type=int, default=8192, help="total length of the batch-1 long run (0: none)"
     )
-    ap.add_argument("--hf-tokens", type=int, default=32)
+    ap.add_argument("--hf-tokens", type=int, default=32, help="new tokens per HF generate run (0: skip HF)")
     ap.add_argument("--variants", default="bf16,nvfp4-w4a16,nvfp4-w4a4")
     ap.add_argument("--long-variants", default="nvfp4-w4a16")
     ap.add_argument(
@@ -253,7 +254,7 @@ def main() -> int:
         t0 = time.perf_counter()
         model = build_model(args.layers, dev)
         if variant == "bf16":
-            for b in [1, 8][: 2 if not args.quick else 1]:
+            for b in [1, 8][: 2 if not args.quick else 1] if args.hf_tokens > 0 else []:
                 res["hf"][f"bf16_b{b}"] = r = hf_run(model, b, args.prompt_len, args.hf_tokens)
                 log(f"HF generate bf16 b={b}: {r['ms_per_step']:.2f} ms/step")
         else:
@@ -277,7 +278,8 @@ def main() -> int:
             save()
         res.setdefault("gpu_ops_per_step_b1", {})[variant] = n_ops = gpu_ops_per_step(engine, 1)
         log(f"{variant}: {n_ops} GPU kernels/copies per batch-1 step, {len(engine.decoder.layers)} layers")
-        if variant == "nvfp4-w4a16" and 1 in batches:  # the fastest step: ReSET's largest relative cost
+        for b in [b for b in (1, 8) if b in batches] if variant == "nvfp4-w4a16" else []:
+            # the fastest steps: ReSET's and the sampler's largest relative cost
             n = min(args.new_tokens, 256)
             samplers = dict(
                 greedy=GREEDY,
@@ -285,16 +287,16 @@ def main() -> int:
                 reset=PRESETS["Qwen3-8B"],
             )
             ms = {
-                k: engine_run(engine, 1, args.prompt_len, n, bw, sampler=c)["ms_per_step"]
+                k: engine_run(engine, b, args.prompt_len, n, bw, sampler=c)["ms_per_step"]
                 for k, c in samplers.items()
             }
-            res["reset"][variant] = r = dict(
+            res["reset"].setdefault(variant, {})[str(b)] = r = dict(
                 ms,
                 reset_vs_fixed=ms["reset"] / ms["fixed"] - 1,
                 reset_vs_greedy=ms["reset"] / ms["greedy"] - 1,
             )
             log(
-                f"{variant} b=1 sampler ms/step {ms}; ReSET vs fixed top-p {r['reset_vs_fixed']:+.1%}, "
+                f"{variant} b={b} sampler ms/step {ms}; ReSET vs fixed top-p {r['reset_vs_fixed']:+.1%}, "
                 f"vs greedy {r['reset_vs_greedy']:+.1%}"
             )
         del engine

@@ -4,10 +4,12 @@ Rows per batch size: "plain" (temperature 0.6 + top-p 0.95 + exponential-race sa
 "fixed" (BatchedSampler in fixed mode: plain + the raw-logit entropy the engine records), "reset"
 (BatchedSampler in ReSET mode), "reset_only" (just what ReSET adds: entropy, state update, temperature
 choice, token record) and "reference" (the aiha-lab style: ReSET per row in Python with one ``.item()`` host
-sync per row). "fixed", "reset" and "reset_only" come twice on CUDA: the torch path (~50 tiny kernels) and the
-fused Triton path (fp4reason/sampling/fused.py, three launches), which is the default on CUDA. On CUDA all but
+sync per row). "plain", "fixed", "reset" and "reset_only" come twice on CUDA: the torch path (~50 kernels,
+top-p by a sort) and the fused Triton path (fp4reason/sampling/fused.py for entropy and ReSET,
+fp4reason/sampling/nucleus.py for top-p without a sort), which is the default on CUDA. On CUDA all but
 "reference" are timed eagerly and replayed from a captured CUDA graph (the way the decode engine runs them).
-ReSET's overhead per step (= per token of each row) is reset - plain, and directly reset_only. Before timing,
+ReSET's overhead per step (= per token of each row) is reset - plain (fused: reset fused - plain fused), and
+directly reset_only. Before timing,
 the fused sampler must reproduce the torch path's tokens and temperatures step for step (else it exits 1).
 
     python benchmarks/sampler_overhead.py --device cuda --out benchmarks/results/sampler_overhead_gpu.json
@@ -102,6 +104,7 @@ def make_fns(b: int, logits: torch.Tensor, device: torch.device, compile: bool) 
 def make_fused(b: int, logits: torch.Tensor, device: torch.device) -> dict:
     """The Triton path; fused=True raises if triton is missing, so there is no silent fallback."""
     from fp4reason.sampling import fused as fz
+    from fp4reason.sampling import nucleus
 
     if fz.interpreted():
         raise SystemExit("TRITON_INTERPRET is set: the fused timings would be the interpreter's")
@@ -115,8 +118,12 @@ def make_fused(b: int, logits: torch.Tensor, device: torch.device) -> dict:
         H, greedy, T, _ = fz.entropy_temperature(logits, state, "reset", params)
         return fz.finish(tok, greedy, T, state)
 
+    T = torch.full((b,), 0.6, device=device)
     return dict(
-        fixed_fused=lambda: fixed(logits), reset_fused=lambda: reset(logits), reset_only_fused=reset_only
+        plain_fused=lambda: nucleus.sample(logits, T, 0.95),
+        fixed_fused=lambda: fixed(logits),
+        reset_fused=lambda: reset(logits),
+        reset_only_fused=reset_only,
     )
 
 
@@ -227,10 +234,11 @@ def main() -> int:
     print(
         f"device={device} ({torch.cuda.get_device_name(device) if cuda else platform.processor() or 'cpu'}) "
         f"vocab={args.vocab} torch={torch.__version__}  (us per call; torch = ~50 small kernels, "
-        f"fused = Triton fp4reason/sampling/fused.py)"
+        f"fused = Triton fp4reason/sampling/fused.py + nucleus.py)"
     )
     cols = [
         ("plain", "plain"),
+        ("plain_fused", "plain fused"),
         ("fixed", "fixed torch"),
         ("fixed_fused", "fixed fused"),
         ("reset", "reset torch"),
@@ -250,11 +258,13 @@ def main() -> int:
         for graph in [False, True] if cuda else [False]:
             v = {k: t.get((b, k, graph)) for k, _ in cols}
             p, r, rf, c = v["plain"], v["reset"], v["reset_fused"], v["reset_compiled"]
+            pf = v["plain_fused"]
             ref = t[(b, "reference", False)]
             row = dict(
                 batch=b,
                 graph=graph,
                 plain_us=p,
+                plain_fused_us=pf,
                 fixed_us=v["fixed"],
                 fixed_fused_us=v["fixed_fused"],
                 reset_us=r,
@@ -265,14 +275,14 @@ def main() -> int:
                 reset_compiled_overhead_us=None if c is None else c - p,
                 reference_us=ref,
                 reset_overhead_us=r - p,
-                reset_fused_overhead_us=None if rf is None else rf - p,
+                reset_fused_overhead_us=None if rf is None else rf - pf,
                 reset_over_plain=r / p,
-                reset_fused_over_plain=None if rf is None else rf / p,
+                reset_fused_over_plain=None if rf is None else rf / pf,
                 reference_over_reset=ref / r,
                 reference_over_reset_fused=None if rf is None else ref / rf,
             )
             summary.append(row)
-            ratio = None if rf is None or rf - p <= 0 else (r - p) / (rf - p)
+            ratio = None if rf is None or rf - pf <= 0 else (r - p) / (rf - pf)
             print(
                 f"{b:5d} {'graph' if graph else 'eager':>6} "
                 + " ".join(f"{fmt(v[k]):>{max(9, len(h))}}" for k, h in cols)

@@ -56,9 +56,9 @@ def _combine_step(
     h_ptr, g_ptr, temp_ptr, tdiv_ptr,
     code_ptr, NONE, last_ptr, prev_ptr,
     win_ptr, win_sum_ptr, step_sum_ptr, glob_sum_ptr, step_n_ptr, glob_n_ptr,
-    act_ptr, prm_ptr, W,
+    act_ptr, prm_ptr, W, max_ptr,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, STATEFUL: tl.constexpr, MODE: tl.constexpr,
-    HAS_ACTIVE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, STORE_MAX: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rm = rows < B
@@ -81,6 +81,8 @@ def _combine_step(
     g = tl.where(g_nan < _BIG, g_nan, g)
     tl.store(h_ptr + rows, H, mask=rm)
     tl.store(g_ptr + rows, g.to(tl.int64), mask=rm)
+    if STORE_MAX:
+        tl.store(max_ptr + rows, M, mask=rm)
     if STATEFUL:
         # StepEntropyState.step, same float64 operations in the same order
         last = tl.load(last_ptr + rows, mask=rm, other=-1)
@@ -212,12 +214,14 @@ def entropy_temperature(
     active: torch.Tensor | None = None,
     *,
     block: int | None = None,
+    row_max: torch.Tensor | None = None,
 ):
     """Raw-logit entropy H [B] f32 and greedy token [B] long of logits ``x`` [B, V]; with a ``state``, also
     the ReSET temperature T [B] f32 (and max(T, 1e-6), the divisor) while advancing the state in place.
 
     Returns (H, greedy, T, T_div); T and T_div are None without a state. ``params`` comes from
     :func:`sampler_params`; ``block`` overrides the vocabulary chunk (a power of two >= 16, for tests).
+    ``row_max``, a float32 [B] tensor, receives each row's max logit (the nucleus sampler's input).
     """
     if (
         not isinstance(x, torch.Tensor)
@@ -240,6 +244,10 @@ def entropy_temperature(
     if block < 16 or block & (block - 1):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
     act = _check_active(active, B, dev)
+    if row_max is not None and (
+        row_max.shape != (B,) or row_max.dtype != torch.float32 or row_max.device != dev
+    ):
+        raise ValueError(f"row_max must be a float32 [{B}] tensor on {dev}")
     if state is not None:
         if mode not in MODE_IDS:
             raise ValueError(f"mode {mode!r} has no step state; expected one of {tuple(MODE_IDS)}")
@@ -262,8 +270,9 @@ def entropy_temperature(
     if state is None:
         _combine_step[(triton.cdiv(B, bb),)](
             pm, pi, ps, pt, nc, B, H, g, H, H,
-            pm, 0, g, g, pm, pm, pm, pm, g, g, pi, pm, 1,
+            pm, 0, g, g, pm, pm, pm, pm, g, g, pi, pm, 1, H if row_max is None else row_max,
             BLOCK_B=bb, BLOCK_C=triton.next_power_of_2(nc), STATEFUL=False, MODE=0, HAS_ACTIVE=False,
+            STORE_MAX=row_max is not None,
         )  # fmt: skip
         return H, g, None, None
     s = state
@@ -271,9 +280,9 @@ def entropy_temperature(
         pm, pi, ps, pt, nc, B, H, g, T, T_div,
         s.code, s.code.numel() - 1, s.last, s.prev,
         s.win, s.win_sum, s.step_sum, s.glob_sum, s.step_n, s.glob_n,
-        pi if act is None else act, params, s.window,
+        pi if act is None else act, params, s.window, H if row_max is None else row_max,
         BLOCK_B=bb, BLOCK_C=triton.next_power_of_2(nc), STATEFUL=True, MODE=MODE_IDS[mode],
-        HAS_ACTIVE=act is not None,
+        HAS_ACTIVE=act is not None, STORE_MAX=row_max is not None,
     )  # fmt: skip
     return H, g, T, T_div
 

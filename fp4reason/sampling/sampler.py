@@ -80,9 +80,9 @@ class BatchedSampler:
     argmax(p / Exp(1)), so it can be captured. Each call records the sampled tokens for step detection.
 
     On CUDA the entropy, state update, temperature choice and token record run as three Triton kernels
-    (``fused``, see fused.py; same tokens, temperatures and state as the torch path, which stays the CPU path
-    and the reference). ``fused=False`` or FP4REASON_SAMPLER=torch forces the torch path; ``compile=True``
-    torch.compiles it instead.
+    (``fused``, see fused.py) and the top-p / min-p draw as a radix select without a sort (nucleus.py): the
+    torch path's tokens, temperatures and state, which stays the CPU path and the reference. ``fused=False``
+    or FP4REASON_SAMPLER=torch forces the torch path; ``compile=True`` torch.compiles it instead.
     """
 
     def __init__(
@@ -108,8 +108,9 @@ class BatchedSampler:
         self.fused = _use_fused(fused, self.device, compile)
         if self.fused:
             from . import fused as fz
+            from . import nucleus
 
-            self._fz = fz
+            self._fz, self._nucleus = fz, nucleus
             self._params = fz.sampler_params(config, config.window, self.device)
         self._core = self._entropy_temperature
         if compile:  # fuse entropy + ReSET state update (~50 tiny kernels eager) into a few kernels
@@ -157,9 +158,10 @@ class BatchedSampler:
         check_logits(logits, self.batch_size, values=self.validate and not capturing)
         if active is not None and active.shape != (self.batch_size,):
             raise ValueError(f"active must have shape [{self.batch_size}], got {tuple(active.shape)}")
-        x = logits.float()
         if self.fused:
-            return self._fused_call(x, generator, active)
+            native = logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            return self._fused_call(logits if native else logits.float(), generator, active)
+        x = logits.float()
         H, T = self._core(x, active)
         greedy_tok = x.argmax(-1)
         if self.config.mode == "greedy":
@@ -182,17 +184,24 @@ class BatchedSampler:
         race = probs.div_(q).argmax(-1)
         return race if ids is None else ids.gather(1, race[:, None]).squeeze(1)
 
-    def _fused_call(self, x: torch.Tensor, generator, active) -> SamplerOutput:
-        """Same result as the torch path; entropy + state + temperature and token choice + record are three
-        Triton launches (fused.py). Sampling itself (top-p, race) is the shared torch code."""
+    def _fused_call(self, logits: torch.Tensor, generator, active) -> SamplerOutput:
+        """Same law as the torch path in a fixed handful of Triton launches: entropy + state + temperature
+        (fused.py), the top-p / min-p race without a sort (nucleus.py), token choice + record."""
         cfg, fz = self.config, self._fz
-        if active is not None and active.device != x.device:
-            raise ValueError(f"active is on {active.device}, logits on {x.device}")
+        if active is not None and active.device != logits.device:
+            raise ValueError(f"active is on {active.device}, logits on {logits.device}")
         state = self.state if cfg.stateful else None
-        H, greedy_tok, T, T_div = fz.entropy_temperature(x, state, cfg.mode, self._params, active)
+        row_max = torch.empty(self.batch_size, dtype=torch.float32, device=logits.device)
+        H, greedy_tok, T, T_div = fz.entropy_temperature(
+            logits, state, cfg.mode, self._params, active, row_max=row_max
+        )
         if not cfg.stateful:
             T, T_div = self._fixed_T, self._fixed_T_div
-        race = self._race(x, T_div, generator) if cfg.mode != "greedy" else None
+        race = None
+        if cfg.mode != "greedy":
+            race = self._nucleus.sample(
+                logits, T_div, cfg.top_p, cfg.min_p, generator=generator, row_max=row_max
+            )
         return SamplerOutput(fz.finish(race, greedy_tok, T, self.state, active), H, T)
 
 
