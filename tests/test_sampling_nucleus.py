@@ -134,6 +134,21 @@ def test_sample_distribution():
     assert chi2 < 16.3, (counts.tolist(), expect.tolist())  # 3 dof, p = 0.001
 
 
+def test_counters_are_left_at_zero():
+    """The arrival counters come back zeroed, so one buffer serves every call (and every graph replay): the
+    same draws twice give the same tokens, with many chunks per row."""
+    gen = torch.Generator().manual_seed(6)
+    x = (torch.randn(3, 500, generator=gen) * 2).bfloat16().to(DEV)
+    T = torch.tensor([0.5, 1.0, 1.3], device=DEV)
+    cnt = nz.counters(3, DEV)
+    toks = [nz.sample(x, T, 0.8, generator=torch.Generator(DEV).manual_seed(9), counters=cnt, block=32)]
+    assert not cnt.any()
+    toks.append(nz.sample(x, T, 0.8, generator=torch.Generator(DEV).manual_seed(9), counters=cnt, block=32))
+    assert not cnt.any() and torch.equal(toks[0], toks[1])
+    with pytest.raises(ValueError, match="counters"):
+        nz.sample(x, T, 0.8, counters=nz.counters(2, DEV))
+
+
 def test_nan_rows_get_a_valid_token():
     """A NaN row (a broken model) gets a token in range, as torch.argmax gives; other rows are unharmed."""
     gen = torch.Generator().manual_seed(4)

@@ -291,15 +291,15 @@ for greedy in (False, True):
     comp(fz._finish, sig3, dict(BLOCK_B=16, GREEDY=greedy, HAS_ACTIVE=not greedy))
 from fp4reason.sampling import nucleus as nz
 sig4 = dict(x_ptr="*bf16", stride_x="i32", V="i32", tdiv_ptr="*fp32", max_ptr="*fp32", log_min_p="fp32",
-            keep_frac="fp32", q_ptr="*fp32", part_ptr="*fp32", pre_ptr="*i32", low_ptr="*fp32",
-            thr_ptr="*fp32", best_ptr="*fp32", arg_ptr="*i32", B="i32", NC="i32")
-for xt, bits in (("*bf16", 16), ("*fp32", 32)):
+            keep_frac="fp32", q_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32", pre_ptr="*i32",
+            low_ptr="*fp32", thr_ptr="*fp32", best_ptr="*fp32", arg_ptr="*i32", tok_ptr="*i64", B="i32",
+            NC="i32")
+for xt, bits in (("*bf16", 16), ("*fp16", 32), ("*fp32", 32)):
     for R in (0, 1, 2, bits // 4):
         const = dict(R=R, NR=bits // 4, KEY_BITS=bits, BLOCK=2048, BLOCK_C=128, RACE=True)
         ptx = comp(nz._round, dict(sig4, x_ptr=xt), const)
         assert "div.rn.f32" in ptx, (xt, R)  # z = x / T as torch divides
-comp(nz._merge, dict(best_ptr="*fp32", arg_ptr="*i32", tok_ptr="*i64", B="i32", NC="i32"),
-     dict(BLOCK_B=16, BLOCK_C=128))
+        assert "atom.global.gpu.acq_rel.add" in ptx, (xt, R)  # the row's last chunk merges
 print("compiled")
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}

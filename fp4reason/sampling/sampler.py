@@ -112,6 +112,7 @@ class BatchedSampler:
 
             self._fz, self._nucleus = fz, nucleus
             self._params = fz.sampler_params(config, config.window, self.device)
+            self._counters = nucleus.counters(batch_size, self.device)
         self._core = self._entropy_temperature
         if compile:  # fuse entropy + ReSET state update (~50 tiny kernels eager) into a few kernels
             self._core = torch.compile(self._core, fullgraph=True, dynamic=False)
@@ -200,7 +201,13 @@ class BatchedSampler:
         race = None
         if cfg.mode != "greedy":
             race = self._nucleus.sample(
-                logits, T_div, cfg.top_p, cfg.min_p, generator=generator, row_max=row_max
+                logits,
+                T_div,
+                cfg.top_p,
+                cfg.min_p,
+                generator=generator,
+                row_max=row_max,
+                counters=self._counters,
             )
         return SamplerOutput(fz.finish(race, greedy_tok, T, self.state, active), H, T)
 
