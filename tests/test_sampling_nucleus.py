@@ -168,6 +168,8 @@ def test_bad_inputs():
     T = torch.ones(3, device=DEV)
     with pytest.raises(ValueError, match=r"\[batch, vocab\]"):
         nz.sample(x[0], T, 0.9)
+    with pytest.raises(ValueError, match=r"\[batch, vocab\]"):
+        nz.sample(x.tolist(), T, 0.9)
     with pytest.raises(ValueError, match="float32"):
         nz.top_p_cutoff(x.double(), T, 0.9)
     with pytest.raises(ValueError, match="top_p"):

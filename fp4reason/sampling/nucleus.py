@@ -86,9 +86,8 @@ def _round(
                 low = tl.load(low_ptr + R * B + r)
             crossed = (low + tl.cumsum(h, axis=0)) > thr
             b = tl.min(tl.where(crossed, bins, 16), axis=0)
-            b = tl.maximum(
-                tl.minimum(b, tl.max(tl.where(h > 0.0, bins, -1), axis=0)), 0
-            )  # keep the top token
+            # never past the last bin with mass: rounding must not drop the most likely token
+            b = tl.maximum(tl.minimum(b, tl.max(tl.where(h > 0.0, bins, -1), axis=0)), 0)
             tl.store(low_ptr + (R + 1) * B + r, low + tl.sum(tl.where(bins < b, h, 0.0), axis=0))
             tl.store(pre_ptr + (R + 1) * B + r, (prefix << 4) | b)
             tl.store(cnt, 0)
@@ -138,8 +137,8 @@ def block_size(vocab: int) -> int:
     return min(2048, max(16, triton.next_power_of_2(triton.cdiv(vocab, 96))))
 
 
-def _select(x, T_div, top_p, min_p, row_max, block, q, cnt):
-    """Run the rounds, then with ``q`` the race: (tokens [B] long or None, cutoff keys pre[rounds] [B])."""
+def _select(x, T_div, top_p, min_p, row_max, block, cnt, race: bool, generator=None):
+    """Run the rounds, then with ``race`` the draw: (tokens [B] long or None, cutoff keys pre[rounds] [B])."""
     if (
         not isinstance(x, torch.Tensor)
         or x.dim() != 2
@@ -182,14 +181,15 @@ def _select(x, T_div, top_p, min_p, row_max, block, q, cnt):
     arg = torch.empty(B, nc, dtype=torch.int32, device=dev)
     tok = torch.empty(B, dtype=torch.long, device=dev)
     log_min_p = math.log(min_p) if min_p > 0 else -math.inf
-    for R in range(rounds + (q is not None)):
+    q = torch.empty(B, V, dtype=torch.float32, device=dev).exponential_(generator=generator) if race else best
+    for R in range(rounds + int(race)):
         _round[(nc, B)](
-            x, x.stride(0), V, T_div, row_max, log_min_p, 1.0 - top_p, best if q is None else q,
+            x, x.stride(0), V, T_div, row_max, log_min_p, 1.0 - top_p, q,
             part, cnt, pre, low, thr, best, arg, tok, B, nc,
             R=R, NR=rounds, KEY_BITS=key_bits, BLOCK=block, BLOCK_C=triton.next_power_of_2(nc),
-            RACE=q is not None, num_warps=8 if block >= 1024 else 4,
+            RACE=race, num_warps=8 if block >= 1024 else 4,
         )  # fmt: skip
-    return (tok if q is not None else None), pre[rounds]
+    return (tok if race else None), pre[rounds]
 
 
 def sample(
@@ -207,9 +207,7 @@ def sample(
     ``x`` [B, V] / ``T_div`` [B] (float32, > 0). ``row_max`` [B]: max of each row of x when the caller has
     it (the fused sampler's entropy pass does). ``counters``: a buffer from :func:`counters` to reuse (else
     one is zeroed per call). ``block`` overrides the vocabulary chunk (a power of two >= 16)."""
-    B, V = x.shape if isinstance(x, torch.Tensor) and x.dim() == 2 else (0, 0)
-    q = torch.empty(B, V, dtype=torch.float32, device=x.device).exponential_(generator=generator)
-    return _select(x, T_div, top_p, min_p, row_max, block, q, counters)[0]
+    return _select(x, T_div, top_p, min_p, row_max, block, counters, True, generator)[0]
 
 
 def top_p_cutoff(
@@ -224,10 +222,10 @@ def top_p_cutoff(
     """The smallest scaled logit z = x / T_div that :func:`sample` keeps, per row (float32 [B]; kept:
     z >= it). The most likely token is always kept; top_p = 1 leaves min-p's floor (-inf without it)."""
     if top_p >= 1.0:  # no rounds: min-p's floor alone
-        _select(x, T_div, top_p, min_p, row_max, block, None, None)  # the input checks
+        _select(x, T_div, top_p, min_p, row_max, block, None, False)  # the input checks
         floor = (x.amax(-1).float() if row_max is None else row_max) / T_div
         return floor + (math.log(min_p) if min_p > 0 else -math.inf)
-    _, key = _select(x, T_div, top_p, min_p, row_max, block, None, None)
+    _, key = _select(x, T_div, top_p, min_p, row_max, block, None, False)
     if x.dtype != torch.bfloat16:  # the key of z itself
         s = key ^ -(2**31)
         return torch.where(s < 0, s ^ 0x7FFFFFFF, s).view(torch.float32)
