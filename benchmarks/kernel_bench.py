@@ -8,7 +8,11 @@ byte floor at the measured device-copy bandwidth. Each kernel runs over enough d
 that L2 (50 MB) never holds the weight; the calls are captured in one CUDA graph and the median replay
 time over the copies is reported. Prints a per-linear table and per-layer sums with ratios.
 
-    python benchmarks/kernel_bench.py --out benchmarks/results [--sweep]
+With ``--dense`` it times the dense BF16 kernel (``dense_linear``, each variant, row-major and tiled
+weights, the gated epilogue on gate_up) against cuBLAS ``F.linear`` (+ silu(gate) * up) and the 16-bit
+byte floor instead.
+
+    python benchmarks/kernel_bench.py --out benchmarks/results [--sweep | --dense]
 """
 
 import argparse
@@ -27,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.e2e_bench import copy_bandwidth  # noqa: E402
 from fp4reason.formats import NVFP4Tensor, quantize_nvfp4
 from fp4reason.kernels import cuda as fk
-from fp4reason.kernels import nvfp4_linear, nvfp4_silu_mul, prepare_nvfp4
+from fp4reason.kernels import dense_linear, nvfp4_linear, nvfp4_silu_mul, prepare_nvfp4, tile_dense
+from fp4reason.kernels.reference import silu_mul_reference
 
 MODELS = {
     "Llama-3.1-8B": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
@@ -206,6 +211,79 @@ def bench_shape(
     return res
 
 
+def bench_dense(n: int, k: int, ms: list[int], log, gated: bool) -> dict:
+    """Dense BF16 ``x @ W.T``: ours per variant, row-major and tiled (and gated on gate_up), vs cuBLAS."""
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    ws = [w] + [w.clone() for _ in range(copies(n * k * 2) - 1)]
+    ts = [tile_dense(c) for c in ws]
+    res = {"N": n, "K": k, "bytes": n * k * 2, "copies": len(ws), "M": {}}
+    default = fk._dense_variant
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x.double() @ w.double().T
+        row = {"cublas": time_calls([lambda c=c, x=x: F.linear(x, c) for c in ws])}
+        if gated:
+            row["cublas_silu"] = time_calls([lambda c=c, x=x: silu_mul_reference(F.linear(x, c)) for c in ws])
+        for v in fk.DENSE_VARIANTS:
+            fk._dense_variant = v
+            y = dense_linear(x, w)
+            row[f"v{v}_err"] = ((y.double() - ref).norm() / ref.norm()).item()
+            row[f"v{v}"] = time_calls([lambda c=c, x=x: dense_linear(x, c) for c in ws])
+            row[f"v{v}_tiled"] = time_calls([lambda c=c, x=x: dense_linear(x, c, n=n) for c in ts])
+            if gated:
+                row[f"v{v}_gated"] = time_calls([lambda c=c, x=x: dense_linear(x, c, gated=True) for c in ws])
+        fk._dense_variant = default
+        row["ours"] = min(row[f"v{v}"] for v in fk.DENSE_VARIANTS)
+        res["M"][m] = row
+        log(f"  dense N={n} K={k} M={m}: " + " ".join(f"{a}={b:.4g}" for a, b in row.items()))
+    return res
+
+
+def dense_main(args, ms: list[int], out: Path, bw: float, log) -> int:
+    props = torch.cuda.get_device_properties(0)
+    shapes = sorted({s for lin in MODELS.values() for s in lin.values()})
+    gate_ups = {lin["gate_up"] for lin in MODELS.values()}
+    results = {f"{n}x{k}": bench_dense(n, k, ms, log, (n, k) in gate_ups) for n, k in shapes}
+    vs = fk.DENSE_VARIANTS
+    cols = ["cublas", "cublas_silu"] + [f"v{v}{t}" for v in vs for t in ("", "_tiled", "_gated")]
+    lines = [f"# Dense BF16 small-M kernel bench ({props.name}, copy BW {bw / 1e12:.2f} TB/s)", ""]
+    lines += ["| model | linear | N×K | M | " + " | ".join(cols) + " | floor | best ours ×cuBLAS |"]
+    lines += ["|" + "---|" * (len(cols) + 6)]
+    layer: dict = {}
+    for model, lins in MODELS.items():
+        for name, (n, k) in lins.items():
+            r = results[f"{n}x{k}"]
+            for m in ms:
+                row, floor = r["M"][m], r["bytes"] / bw * 1e6
+                vals = " | ".join(f"{row[c]:.1f}" if c in row else "—" for c in cols)
+                ratio = row["cublas"] / row["ours"]
+                lines.append(f"| {model} | {name} | {n}×{k} | {m} | {vals} | {floor:.1f} | {ratio:.2f} |")
+                a = layer.setdefault((model, m), {"floor": 0.0})
+                a["floor"] += floor
+                # what a decode step runs: gate_up gated where timed (cuBLAS: linear + silu kernel)
+                a["cublas"] = a.get("cublas", 0.0) + row.get("cublas_silu", row["cublas"])
+                for v in vs:
+                    a[f"v{v}"] = a.get(f"v{v}", 0.0) + row.get(f"v{v}_gated", row[f"v{v}"])
+    lines += ["", "## Per layer (µs; gate_up with silu(gate) * up)", ""]
+    heads = " | ".join(f"v{v}" for v in vs)
+    lines += [f"| model | M | cuBLAS | {heads} | floor | best ×cuBLAS | best ×floor |"]
+    lines += ["|" + "---|" * (len(vs) + 6)]
+    for (model, m), a in layer.items():
+        best = min(a[f"v{v}"] for v in vs)
+        lines.append(
+            f"| {model} | {m} | {a['cublas']:.1f} | "
+            + " | ".join(f"{a[f'v{v}']:.1f}" for v in vs)
+            + f" | {a['floor']:.1f} | {a['cublas'] / best:.2f} | {best / a['floor']:.2f} |"
+        )
+    table = "\n".join(lines)
+    meta = {"device": props.name, "copy_bw_Bps": bw, "results": results}
+    (out / "kernel_bench_dense.json").write_text(json.dumps(meta, indent=1, default=str))
+    (out / "kernel_bench_dense.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -214,6 +292,7 @@ def main() -> int:
     ap.add_argument("--only-ours", action="store_true", help="skip the baselines (tuning runs)")
     ap.add_argument("--variants", default="0,4,5", help="kernel variants in the --sweep")
     ap.add_argument("--grids", default="", help="also time these CTAs-per-SM grid policies (0 = split-K)")
+    ap.add_argument("--dense", action="store_true", help="time the dense BF16 kernel vs cuBLAS instead")
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     out = Path(args.out)
@@ -236,6 +315,8 @@ def main() -> int:
         f"device copy bandwidth {bw / 1e12:.3f} TB/s (read+write, 1 GiB best of 10; "
         f"uint8 graph copy {graph_copy_bandwidth() / 1e12:.3f})"
     )
+    if args.dense:
+        return dense_main(args, ms, out, bw, log)
     shapes = sorted({s for lin in MODELS.values() for s in lin.values()})
     variants = [int(v) for v in args.variants.split(",")]
     grids = [int(v) for v in args.grids.split(",") if v]

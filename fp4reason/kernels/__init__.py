@@ -7,10 +7,13 @@ import torch
 from fp4reason.formats import NVFP4Tensor, qdq_nvfp4
 from fp4reason.kernels.cuda import (
     TiledNVFP4,
+    dense_linear,
     gated_rows,
     nvfp4_linear_cuda,
     prepare_nvfp4,
+    tile_dense,
     tile_nvfp4,
+    untile_dense,
     untile_nvfp4,
 )
 from fp4reason.kernels.reference import (
@@ -77,6 +80,7 @@ def nvfp4_silu_mul(
 
 __all__ = [
     "TiledNVFP4",
+    "dense_linear",
     "gated_rows",
     "mxfp4_linear",
     "mxfp4_linear_reference",
@@ -86,6 +90,8 @@ __all__ = [
     "nvfp4_silu_mul",
     "prepare_nvfp4",
     "silu_mul_reference",
+    "tile_dense",
     "tile_nvfp4",
+    "untile_dense",
     "untile_nvfp4",
 ]

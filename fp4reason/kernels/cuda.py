@@ -96,6 +96,8 @@ def _lib() -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.fp4r_nvfp4_gemv.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, p]
     lib.fp4r_nvfp4_gemv.restype = i
+    lib.fp4r_dense_gemv.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, i, p]
+    lib.fp4r_dense_gemv.restype = i
     return lib
 
 
@@ -149,23 +151,31 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
     return _workspaces[idx]
 
 
-def variant_for(m: int, n: int = 0, device: int = 0, gated: bool = False) -> int:
+# dense BF16/FP16 weights (fp4r_dense_gemv): 2 / 3 = 64-row CTAs, 4 / 8 stages; 7 / 8 = 16-row CTAs whose 4
+# warps split k
+DENSE_VARIANTS = (2, 3, 7, 8)
+_dense_variant = int(os.environ.get("FP4REASON_DENSE_VARIANT", "2"))
+
+
+def variant_for(m: int, n: int = 0, device: int = 0, gated: bool = False, dense: bool = False) -> int:
     """Kernel variant: 9 (64-row CTAs, each row tile streamed by two warps splitting k) when N gives >= 2
     such CTAs per SM without split-K, and above M = 8 (activations in registers: 3 CTAs per SM) only if
     they fit one wave: gate_up, 10 % faster than 4 at M = 1 (H100 sweep, benchmarks/NOTES.md v10). Else 4
     (activations through the CTA's shared-memory ring, 128-row CTAs; NOTES v6). ``gated`` above M = 8: 4
     (variant 9's silu(gate) * up build for 16 tokens needs 200 registers: 2 CTAs per SM; NOTES v11)."""
+    if dense:
+        return _dense_variant
     if _variant is not None:
         return _variant
     blocks, sms = n // 64, _sm_count(device)
     return 9 if blocks >= 2 * sms and (m <= 8 or (blocks <= 3 * sms and not gated)) else 4
 
 
-def split_count(m: int, n: int, k: int, device: int = 0, gated: bool = False) -> int:
+def split_count(m: int, n: int, k: int, device: int = 0, gated: bool = False, dense: bool = False) -> int:
     """K-splits for an [m, k] x [n, k] call under the split-K policy (``_ctas_per_sm`` = 0): none when the
     row blocks alone give every SM a CTA; else the largest power of two that keeps the grid at or under 4
     CTAs per SM and every split at >= 4 chunks of 128 k (H100 sweep, benchmarks/NOTES.md v6)."""
-    row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m, n, device, gated)])
+    row_blocks = -(-n // _ROWS_PER_CTA[variant_for(m, n, device, gated, dense)])
     sms, chunks = _sm_count(device), k // CHUNK
     if row_blocks >= sms:
         return 1
@@ -175,19 +185,21 @@ def split_count(m: int, n: int, k: int, device: int = 0, gated: bool = False) ->
     return s
 
 
-def grid_ctas(m: int, n: int, k: int, device: int = 0, splits: int = 0, gated: bool = False) -> int:
+def grid_ctas(
+    m: int, n: int, k: int, device: int = 0, splits: int = 0, gated: bool = False, dense: bool = False
+) -> int:
     """The kernel's grid for an [m, k] x [n, k] call. The kernel cuts the row_blocks x chunks units into
     this many equal ranges (stream-K), so the count need not divide anything. ``splits`` > 0: classic
     split-K, row_blocks x splits. Else ``_ctas_per_sm`` CTAs per SM (default: 0 up to M = 8 and for
     variant 9, else 4; at most one CTA per 4 units, so each streams >= 4 chunks), or the split-K policy
     when it is 0."""
-    variant = variant_for(m, n, device, gated)
+    variant = variant_for(m, n, device, gated, dense)
     row_blocks, chunks = -(-n // _ROWS_PER_CTA[variant]), k // CHUNK
     if splits > 0:
         return row_blocks * min(splits, chunks)
     per_sm = (0 if m <= 8 or variant == 9 else 4) if _ctas_per_sm is None else _ctas_per_sm
-    if per_sm <= 0:
-        return row_blocks * split_count(m, n, k, device, gated)
+    if per_sm <= 0 or dense:
+        return row_blocks * split_count(m, n, k, device, gated, dense)
     return max(1, min(per_sm * _sm_count(device), row_blocks * chunks // _MIN_CHUNKS))
 
 
@@ -432,3 +444,124 @@ def prepare_nvfp4(w: "NVFP4Tensor | TiledNVFP4", gated: bool = False) -> "TiledN
     if t.tiled.is_cuda and available():
         _workspace(t.tiled.device)
     return t
+
+
+def tile_dense(w: torch.Tensor) -> torch.Tensor:
+    """A dense weight [N, K] (bf16/fp16) -> [ceil(N/16), K/128, 2, 4, 32, 8], the dense kernel's tiled order:
+    per 16-row tile and 128-k chunk, half h and k-word w, lane g*4+t's 8 elements of row h*8+g at k = t*32 +
+    w*8 .. +7 (16 B), so each warp copy is 512 contiguous bytes. Rows past N are zero."""
+    n, k = w.shape
+    if k % CHUNK:
+        raise ValueError(f"tiled dense weights need K % {CHUNK} == 0, got K={k}")
+    tiles, chunks = -(-n // 16), k // CHUNK
+    t = F.pad(w, (0, 0, 0, tiles * 16 - n)).view(tiles, 2, 8, chunks, 4, 4, 8)
+    return t.permute(0, 3, 1, 5, 2, 4, 6).reshape(tiles, chunks, 2, 4, 32, 8).contiguous()
+
+
+def untile_dense(tiled: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`tile_dense`: the row-major weight [N, K]."""
+    tiles, chunks = tiled.shape[:2]
+    t = tiled.view(tiles, chunks, 2, 4, 8, 4, 8).permute(0, 2, 4, 1, 5, 3, 6)
+    return t.reshape(tiles * 16, chunks * CHUNK)[:n].contiguous()
+
+
+def dense_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the dense kernel takes ``x [M, K] @ w.T``: CUDA, M <= 16, K % 128 == 0, w of x's dtype."""
+    return supported(x, w.shape[0], x.shape[-1]) and w.dtype == x.dtype and w.is_cuda
+
+
+@torch.library.custom_op("fp4reason::dense_linear", mutates_args=())
+def dense_linear_op(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int, grid: int, gated: bool
+) -> torch.Tensor:
+    """``x [M, K] @ W[N, K].T (+ bias)`` with W dense (row-major [N, K], or 6-d from :func:`tile_dense`) on
+    ``grid`` CTAs (0: :func:`grid_ctas`'s). ``gated`` (row-major only): W a fused [gate; up] weight, ``bias``
+    in :func:`gated_rows` order; returns silu(gate) * up [M, N/2]."""
+    m, k = x.shape
+    tiled = w.dim() == 6
+    if gated and tiled:
+        raise ValueError("the gated dense kernel reads the row-major weight; pass it untiled")
+    if gated and n % 16:
+        raise ValueError(f"a gated dense weight needs N % 16 == 0, got N={n}")
+    if not supported(x, n, k) or w.dtype != x.dtype:
+        wd = (untile_dense(w, n) if tiled else w).to(x.dtype)
+        if not gated:
+            return F.linear(x, wd, bias)
+        if bias is not None:
+            bias = bias[torch.argsort(gated_rows(n, bias.device))]
+        return silu_mul_reference(F.linear(x, wd, bias))
+    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    ctas = grid if grid > 0 else grid_ctas(m, n, k, dev, gated=gated, dense=True)
+    whole = -(-n // _ROWS_PER_CTA[_dense_variant])
+    ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
+    if ws is None:
+        ctas = whole
+    work, counters = ws if ws is not None else (None, None)
+    err = _lib().fp4r_dense_gemv(
+        x.data_ptr(),
+        w.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        work.data_ptr() if work is not None else None,
+        counters.data_ptr() if counters is not None else None,
+        m,
+        n,
+        k,
+        ctas,
+        int(x.dtype == torch.bfloat16),
+        _dense_variant,
+        1 if _pdl is None else _pdl,
+        int(gated),
+        int(tiled),
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    if err:
+        raise RuntimeError(f"dense kernel launch failed with CUDA error {err} (M={m}, N={n}, K={k})")
+    return out
+
+
+@dense_linear_op.register_fake
+def _(x, w, bias, n, grid, gated):
+    return x.new_empty(x.shape[0], n // 2 if gated else n)
+
+
+def dense_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    n: int | None = None,
+    gated: bool = False,
+    ctas: int = 0,
+) -> torch.Tensor:
+    """``x [..., K] @ w.T + bias`` for a dense bf16/fp16 weight ``w`` [N, K], or :func:`tile_dense`'s 6-d copy
+    of it (then ``n``: its row count, default all 16 rows of every tile), through the small-M kernel on CUDA
+    for M <= 16 and ``F.linear`` elsewhere. ``gated``: ``w`` is a fused [gate; up] weight [2I, K]
+    (row-major) and the result silu(gate) * up [..., I]. ``ctas``: override the grid (tests, sweeps).
+    The GPU path has not yet run on a GPU (benchmarks/NOTES.md v17); the engine uses it only with
+    ``FP4REASON_DENSE_GEMV=1``."""
+    if w.dim() not in (2, 6):
+        raise ValueError(f"dense weight must be [N, K] or tile_dense's 6-d layout, got {tuple(w.shape)}")
+    if w.dim() == 2:
+        n = w.shape[0]
+    elif n is None:
+        n = w.shape[0] * 16
+    elif not (w.shape[0] - 1) * 16 < n <= w.shape[0] * 16:
+        raise ValueError(f"n={n} does not fit a tiled weight of {w.shape[0]} 16-row tiles")
+    k = w.shape[1] if w.dim() == 2 else w.shape[1] * CHUNK
+    if x.shape[-1] != k:
+        raise ValueError(f"input has K={x.shape[-1]} but the weight has K={k}")
+    if gated and n % 2:
+        raise ValueError(f"a fused gate/up weight has an even number of rows, got N={n}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if not x.is_cuda or x2.shape[0] > MAX_M or k % CHUNK or (gated and n % 16):
+        wd = untile_dense(w, n) if w.dim() == 6 else w
+        y = F.linear(x2, wd.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return (silu_mul_reference(y) if gated else y).reshape(*lead, -1)
+    x2 = _aligned(x2)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+        bias = (bias[gated_rows(n, bias.device)] if gated else bias).contiguous()
+    return torch.ops.fp4reason.dense_linear(x2, _aligned(w), bias, n, ctas, gated).reshape(*lead, -1)

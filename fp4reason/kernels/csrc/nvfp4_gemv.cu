@@ -167,7 +167,13 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
 // quarter-warp (two rows x four t) read eight different bank groups.
 __device__ __forceinline__ int xs_unit(int row, int u) { return u ^ (((row & 1) << 1) | (u >> 3)); }
 
-template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK, bool GATED>
+// DENSE: 0 = the NVFP4 weight above; 1 = a dense bf16/fp16 weight [N, K] row-major, read as stored (a lane's
+// 16 B of row g (+8) at k = t*32 + w*8 .. +7 are already the pairs (k0,k1) .. (k6,k7) an mma A register
+// wants); 2 = the same weight in tile_dense's order ([tile][chunk][h][w][lane][16 B], so each warp copy is
+// 512 contiguous bytes). Dense drops the decode, the scales and the LUT; ring, mma, split-K and epilogues
+// are shared. Gated + row-major: lane rows g / g + 8 read gate row tile*8 + g / up row N/2 + tile*8 + g, so the
+// fused [gate; up] weight needs no reordering.
+template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK, bool GATED, int DENSE = 0>
 __global__ void __launch_bounds__(WARPS * 32)
     nvfp4_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ tiled,
                       const float* __restrict__ gscale,
@@ -176,7 +182,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   extern __shared__ __align__(16) uint8_t dyn_smem[];
   __shared__ __align__(1024) uint32_t lut[256];  // aligned: a lookup's address is one LOP3, index | base
   __shared__ int s_last;
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+  for (int i = threadIdx.x; i < (DENSE ? 0 : 256); i += blockDim.x) {
     float v = e4m3_to_float(i);
     uint32_t h;
     if constexpr (BF16) {
@@ -209,22 +215,36 @@ __global__ void __launch_bounds__(WARPS * 32)
 
   // per-warp STAGES-deep cp.async ring of [weights RT x 1024 B][scales RT x 128 B], both in the tile's lane
   // order: lane L's bytes at L * 16 (+ 512 for rows g + 8) and W_BYTES + L * 4
-  constexpr int W_BYTES = RT * 16 * 64, S_BYTES = RT * 16 * 8, STAGE = W_BYTES + S_BYTES;
+  constexpr int TW = DENSE ? 16 * CHUNK * 2 : 16 * 64;  // weight bytes of one tile chunk
+  constexpr int W_BYTES = RT * TW, S_BYTES = DENSE ? 0 : RT * 16 * 8, STAGE = W_BYTES + S_BYTES;
   const uint32_t ring_w = smem_addr(dyn_smem) + warp * STAGES * STAGE + lane_id * 16;
   const uint32_t ring_s = smem_addr(dyn_smem) + warp * STAGES * STAGE + W_BYTES + lane_id * 4;
   const int s_off = 1024 - 12 * lane_id;  // a lane's scales past its weights in the tile chunk
   const uint32_t lut_s = smem_addr(lut);
   // tiled layout: [tile][chunk][1024 B weights in lane order (h, g, t) | 128 B scales in lane order];
   // gw[r]: this lane's bytes of the next chunk to copy (issue is called for consecutive chunks)
-  const uint8_t* gw[RT];
+  // (dense: lane L's (h, w) piece at ring slot (h * 4 + w) * 512 + L * 16; gw[r][h]: row-major row h's bytes)
+  const uint8_t* gw[RT][2];
   auto issue = [&](int stage) {
     const uint32_t so = stage * STAGE;
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
-      cp16(ring_w + so + r * 1024, gw[r]);
-      cp16(ring_w + so + r * 1024 + 512, gw[r] + 512);
-      cp4(ring_s + so + r * 128, gw[r] + s_off);
-      gw[r] += TILE_BYTES;
+      if constexpr (DENSE == 0) {
+        cp16(ring_w + so + r * 1024, gw[r][0]);
+        cp16(ring_w + so + r * 1024 + 512, gw[r][0] + 512);
+        cp4(ring_s + so + r * 128, gw[r][0] + s_off);
+        gw[r][0] += TILE_BYTES;
+      } else {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int w = 0; w < 4; ++w)
+            cp16(ring_w + so + r * TW + (h * 4 + w) * 512,
+                 DENSE == 2 ? gw[r][0] + (h * 4 + w) * 512 : gw[r][h] + w * 16);
+          if constexpr (DENSE == 1) gw[r][h] += CHUNK * 2;
+        }
+        if constexpr (DENSE == 2) gw[r][0] += TW;
+      }
     }
   };
   // xp[n] + c * CHUNK: chunk c's activations; load_x is called for consecutive chunks from kb
@@ -270,6 +290,20 @@ __global__ void __launch_bounds__(WARPS * 32)
   // the ring stage's weights and scales times activations xv, into acc
   auto compute = [&](int stage, const uint4 (&xv)[NT][4]) {
     const uint32_t so = stage * STAGE;
+    if constexpr (DENSE) {
+#pragma unroll
+      for (int w = 0; w < 4; ++w)
+#pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          uint4 p0 = lds128(ring_w + so + r * TW + w * 512), p1 = lds128(ring_w + so + r * TW + (4 + w) * 512);
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[n][w]);
+            mma<BF16>(acc[r][n], p0.x, p1.x, p0.y, p1.y, xw[0], xw[1]);
+            mma<BF16>(acc[r][n], p0.z, p1.z, p0.w, p1.w, xw[2], xw[3]);
+          }
+        }
+    } else {
     uint4 wv[RT][2];
     uint32_t sv[RT];  // scale bytes of (row g, blocks 2t, 2t+1), then (row g + 8, the same blocks)
 #pragma unroll
@@ -306,6 +340,7 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
       }
     }
+    }
   };
 
   bool first = true;
@@ -319,7 +354,15 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       int tile = min((row_warp + r * 16) / 16, tiles - 1);
-      gw[r] = tiled + ((size_t)tile * chunks + kb) * TILE_BYTES + lane_id * 16;
+      if constexpr (DENSE == 1) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          int row = GATED ? h * (N / 2) + tile * 8 + g : min(tile * 16 + h * 8 + g, N - 1);
+          gw[r][h] = tiled + ((size_t)row * K + (size_t)kb * CHUNK + t * 32) * 2;
+        }
+      } else {
+        gw[r][0] = tiled + ((size_t)tile * chunks + kb) * (DENSE ? TW : TILE_BYTES) + lane_id * 16;
+      }
     }
 #pragma unroll
     for (int n = 0; n < NT; ++n) xn[n] = xp[n] + (size_t)kb * CHUNK;
@@ -415,7 +458,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       }
     }
 
-    const float f = 128.0f / __ldg(gscale);
+    const float f = DENSE ? 1.0f : 128.0f / __ldg(gscale);
     // acc[r][n]: {row g, tok 2t}, {row g, tok 2t+1}, {row g+8, tok 2t}, {row g+8, tok 2t+1}
     if (c_begin == 0 && c_end == chunks) {  // the whole row block: store
       if (kw > 0) continue;
@@ -523,14 +566,14 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-template <bool BF16, int NT, int STAGES, int RT, bool XS = false, int WK = 1>
+template <bool BF16, int NT, int STAGES, int RT, bool XS = false, int WK = 1, int DENSE = 0>
 int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
            const void* bias, void* out, float* work, int* counters, int M, int N, int K, int gated) {
   constexpr int rows = WARPS / WK * RT * 16;
-  constexpr int smem = WARPS * STAGES * RT * 16 * (64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0) +
-                       WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
-  auto kern = gated ? nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, true>
-                    : nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, false>;
+  constexpr int smem = WARPS * STAGES * RT * 16 * (DENSE ? CHUNK * 2 : 64 + 8) +
+                       (XS ? STAGES * NT * 8 * CHUNK * 2 : 0) + WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
+  auto kern = gated ? nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, true, DENSE>
+                    : nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, false, DENSE>;
   if constexpr (smem > 48 * 1024) {
     static bool configured[2][64] = {};  // once per kernel and device
     int dev = 0;
@@ -583,6 +626,20 @@ int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_
   }
 }
 
+// dense variants (RT = 1: a 16-row tile chunk is 4 KB): 2 / 3 = 64-row CTAs, 4 / 8 stages (64 / 128 KB of ring);
+// 7 / 8 = 16-row CTAs whose 4 warps split k, 4 / 8 stages; anything else: cudaErrorInvalidValue
+template <bool BF16, int NT, int DENSE>
+int launch_dense(int variant, int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* w, const void* bias,
+                 void* out, float* work, int* cnt, int M, int N, int K, int gated) {
+  switch (variant) {
+    case 2: return launch<BF16, NT, 4, 1, false, 1, DENSE>(ctas, pdl, s, x, w, nullptr, bias, out, work, cnt, M, N, K, gated);
+    case 3: return launch<BF16, NT, 8, 1, false, 1, DENSE>(ctas, pdl, s, x, w, nullptr, bias, out, work, cnt, M, N, K, gated);
+    case 7: return launch<BF16, NT, 4, 1, false, 4, DENSE>(ctas, pdl, s, x, w, nullptr, bias, out, work, cnt, M, N, K, gated);
+    case 8: return launch<BF16, NT, 8, 1, false, 4, DENSE>(ctas, pdl, s, x, w, nullptr, bias, out, work, cnt, M, N, K, gated);
+    default: return (int)cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -606,5 +663,25 @@ int fp4r_nvfp4_gemv(const void* x, const void* tiled, const float* gscale, const
   }
   if (M <= 8) return launch_variant<false, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated);
   return launch_variant<false, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated);
+}
+
+// The same for a dense bf16/fp16 weight (the dtype of x): w [N, K] row-major (tiled = 0) or in tile_dense's
+// order (tiled = 1); gated = 1: w is a fused [gate; up] [N, K], row-major only, and bias (if any) in
+// gated_rows order. variant: 2, 3, 7 or 8 (launch_dense).
+int fp4r_dense_gemv(const void* x, const void* w, const void* bias, void* out, float* work, int* counters, int M,
+                    int N, int K, int ctas, int bf16, int variant, int pdl, int gated, int tiled, void* stream) {
+  if (M < 1 || M > 16 || N < 1 || K % CHUNK || ctas < 1 || (gated && (N % 16 || tiled)))
+    return (int)cudaErrorInvalidValue;
+  cudaStream_t s = (cudaStream_t)stream;
+  auto xp = (const uint16_t*)x;
+  auto wp = (const uint8_t*)w;
+#define FP4R_DENSE(B, NT, D) launch_dense<B, NT, D>(variant, ctas, pdl, s, xp, wp, bias, out, work, counters, M, N, K, gated)
+  if (tiled) {
+    if (bf16) return M <= 8 ? FP4R_DENSE(true, 1, 2) : FP4R_DENSE(true, 2, 2);
+    return M <= 8 ? FP4R_DENSE(false, 1, 2) : FP4R_DENSE(false, 2, 2);
+  }
+  if (bf16) return M <= 8 ? FP4R_DENSE(true, 1, 1) : FP4R_DENSE(true, 2, 1);
+  return M <= 8 ? FP4R_DENSE(false, 1, 1) : FP4R_DENSE(false, 2, 1);
+#undef FP4R_DENSE
 }
 }
