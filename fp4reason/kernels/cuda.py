@@ -465,11 +465,6 @@ def untile_dense(tiled: torch.Tensor, n: int) -> torch.Tensor:
     return t.reshape(tiles * 16, chunks * CHUNK)[:n].contiguous()
 
 
-def dense_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the dense kernel takes ``x [M, K] @ w.T``: CUDA, M <= 16, K % 128 == 0, w of x's dtype."""
-    return supported(x, w.shape[0], x.shape[-1]) and w.dtype == x.dtype and w.is_cuda
-
-
 @torch.library.custom_op("fp4reason::dense_linear", mutates_args=())
 def dense_linear_op(
     x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, n: int, grid: int, gated: bool
