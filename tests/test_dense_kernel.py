@@ -70,6 +70,8 @@ def test_bad_inputs_raise():
         dense_linear(torch.zeros(1, 128), w)
     with pytest.raises(ValueError, match="6-d"):
         dense_linear(torch.zeros(1, 256), w.view(32, 2, 128))
+    with pytest.raises(ValueError, match="6-d"):
+        dense_linear(torch.zeros(1, 256), tile_dense(w).view(2, 2, 4, 2, 32, 8))
     with pytest.raises(ValueError, match="even number"):
         dense_linear(torch.zeros(1, 256), torch.zeros(31, 256), gated=True)
     with pytest.raises(ValueError, match="16-row tiles"):

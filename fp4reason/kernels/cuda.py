@@ -155,6 +155,8 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None
 # warps split k
 DENSE_VARIANTS = (2, 3, 7, 8)
 _dense_variant = int(os.environ.get("FP4REASON_DENSE_VARIANT", "2"))
+if _dense_variant not in DENSE_VARIANTS:
+    raise ValueError(f"FP4REASON_DENSE_VARIANT must be one of {DENSE_VARIANTS}, got {_dense_variant}")
 
 
 def variant_for(m: int, n: int = 0, device: int = 0, gated: bool = False, dense: bool = False) -> int:
@@ -536,7 +538,7 @@ def dense_linear(
     (row-major) and the result silu(gate) * up [..., I]. ``ctas``: override the grid (tests, sweeps).
     The GPU path has not yet run on a GPU (benchmarks/NOTES.md v17); the engine uses it only with
     ``FP4REASON_DENSE_GEMV=1``."""
-    if w.dim() not in (2, 6):
+    if w.dim() not in (2, 6) or (w.dim() == 6 and tuple(w.shape[2:]) != (2, 4, 32, 8)):
         raise ValueError(f"dense weight must be [N, K] or tile_dense's 6-d layout, got {tuple(w.shape)}")
     if w.dim() == 2:
         n = w.shape[0]
