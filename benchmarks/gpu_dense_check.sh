@@ -17,7 +17,7 @@ tar -czf $OUT/r.tgz -C $OUT r
 for D in 1 0; do
 V=bf16; [ $D = 1 ] && V=bf16,nvfp4-w4a16
 echo "=== e2e $V DENSE_GEMV=$D $(date +%T)"
-FP4REASON_DENSE_GEMV=$D timeout 150 python3 benchmarks/e2e_bench.py --variants $V --batches 1,8 --new-tokens 1024 --long-len 0 --no-compare-attn --hf-tokens 0 --out $R/e2e_dense$D.json > $R/e2e_dense$D.log 2>&1; echo "exit=$?"; grep "ms/step\|kernels\|speed-up\|^ *[0-9]* |" $R/e2e_dense$D.log
+FP4REASON_DENSE_GEMV=$D timeout 150 python3 benchmarks/e2e_bench.py --variants $V --new-tokens 1024 --long-len 0 --no-compare-attn --hf-tokens 0 --out $R/e2e_dense$D.json > $R/e2e_dense$D.log 2>&1; echo "exit=$?"; grep "ms/step\|kernels\|speed-up\|^ *[0-9]* |" $R/e2e_dense$D.log
 tar -czf $OUT/r.tgz -C $OUT r
 done
 echo "=== dense bench $(date +%T)"
