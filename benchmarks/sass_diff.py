@@ -17,10 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_kernel_sass import _nvdisasm  # noqa: E402
+from fp4reason.kernels.cuda import _nvcc, nvdisasm
 
-from fp4reason.kernels.cuda import _SRC, _nvcc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+SRC = Path("fp4reason/kernels/csrc/nvfp4_gemv.cu")  # in this checkout, and at the earlier commit
 
 
 def kernels(src: Path, tmp: Path) -> dict[str, list[str]]:
@@ -31,7 +31,7 @@ def kernels(src: Path, tmp: Path) -> dict[str, list[str]]:
         check=True,
         capture_output=True,
     )
-    sass = subprocess.run([_nvdisasm(), str(cubin)], check=True, capture_output=True, text=True).stdout
+    sass = subprocess.run([nvdisasm(), str(cubin)], check=True, capture_output=True, text=True).stdout
     out: dict[str, list[str]] = {}
     name = None
     for line in sass.splitlines():
@@ -52,16 +52,17 @@ def main() -> int:
     ap.add_argument("rev", help="the earlier commit (git rev)")
     ap.add_argument("--extra-param", default="", help="mangled template argument the current source appends")
     args = ap.parse_args()
-    if _nvdisasm() is None:
+    if nvdisasm() is None:
         sys.exit("nvdisasm not found (pip install nvidia-cuda-nvdisasm)")
-    rel = _SRC.relative_to(Path(__file__).resolve().parents[1])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         old_src = tmp / "old_nvfp4_gemv.cu"
         old_src.write_bytes(
-            subprocess.run(["git", "show", f"{args.rev}:{rel}"], check=True, capture_output=True).stdout
+            subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{args.rev}:{SRC}"], check=True, capture_output=True
+            ).stdout
         )
-        old, new = kernels(old_src, tmp), kernels(_SRC, tmp)
+        old, new = kernels(old_src, tmp), kernels(ROOT / SRC, tmp)
     same, changed, gone = 0, [], []
     for name, sass in old.items():
         now = new.get(name.replace("EEvPKt", args.extra_param + "EEvPKt", 1))

@@ -8,25 +8,12 @@ kernel's lifetime") ptxas hoisted the first activation loads above the wait in 5
 W4A4 decoding read stale activations (NaN) on the H200.
 """
 
-import importlib.util
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from fp4reason.kernels.cuda import _SRC, _nvcc
-
-
-def _nvdisasm() -> str | None:
-    found = shutil.which("nvdisasm")
-    spec = importlib.util.find_spec("nvidia")
-    if found is None and spec is not None and spec.submodule_search_locations:
-        for base in spec.submodule_search_locations:
-            for cand in Path(base).glob("cu*/bin/nvdisasm"):
-                found = str(cand)
-    return found
+from fp4reason.kernels.cuda import _SRC, _nvcc, nvdisasm
 
 
 def _functions(sass: str) -> dict[str, list[str]]:
@@ -50,13 +37,13 @@ def test_no_activation_load_before_the_pdl_wait(tmp_path):
         nvcc = _nvcc()
     except RuntimeError:
         pytest.skip("nvcc not found")
-    nvdisasm = _nvdisasm()
-    if nvdisasm is None:
+    disasm = nvdisasm()
+    if disasm is None:
         pytest.skip("nvdisasm not found (pip install nvidia-cuda-nvdisasm)")
     cubin = tmp_path / "k.cubin"
     cmd = [nvcc, "-O3", "-std=c++17", "-arch=sm_90", "-cubin", "-o", str(cubin), str(_SRC)]
     subprocess.run(cmd, check=True, capture_output=True)
-    sass = subprocess.run([nvdisasm, str(cubin)], check=True, capture_output=True, text=True).stdout
+    sass = subprocess.run([disasm, str(cubin)], check=True, capture_output=True, text=True).stdout
     kernels = {k: v for k, v in _functions(sass).items() if "nvfp4_gemv_kernel" in k}
     # (NVFP4: 10 variants, dense: 4 variants x 2 layouts) x bf16/fp16 x 1/2 token blocks x plain/gated
     assert len(kernels) == 144

@@ -23,6 +23,7 @@ workspace yet runs one CTA per row block).
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -69,6 +70,18 @@ def _nvcc() -> str:
         if cand and os.path.exists(cand):
             return cand
     raise RuntimeError("nvcc not found (needed once to build the NVFP4 kernel); set CUDA_HOME or PATH")
+
+
+def nvdisasm() -> str | None:
+    """Path of CUDA's SASS disassembler (on PATH, or the ``nvidia-cuda-nvdisasm`` wheel), or None: the SASS
+    checks (``tests/test_kernel_sass.py``, ``benchmarks/sass_diff.py``) need it, the kernel does not."""
+    found = shutil.which("nvdisasm")
+    spec = importlib.util.find_spec("nvidia")
+    if found is None and spec is not None and spec.submodule_search_locations:
+        for base in spec.submodule_search_locations:
+            for cand in Path(base).glob("cu*/bin/nvdisasm"):
+                found = str(cand)
+    return found
 
 
 def build_library(force: bool = False) -> Path:
