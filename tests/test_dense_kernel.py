@@ -1,6 +1,9 @@
 """Dense BF16/FP16 small-M linear (``dense_linear``): layout and CPU path everywhere, the Hopper kernel on a
 GPU. Every check compares against float64 math with fresh random inputs."""
 
+import ctypes
+import re
+
 import pytest
 import torch
 
@@ -22,6 +25,23 @@ def _rel(y, ref):
 
 
 # ---------------------------------------------------------------- CPU: layout, fallback, errors
+
+
+def test_ctypes_signatures_match_the_c_source():
+    """Every extern "C" function's parameters (pointer or int, in order) are what ctypes passes: a missing or
+    extra argument would shift every later one (a GPU run once failed on exactly that)."""
+    src = kc._SRC.read_text()
+    found = {}
+    for name, params in re.findall(r"^int (fp4r_\w+)\(([^)]*)\)", src, flags=re.M):
+        kinds = []
+        for param in params.split(","):
+            decl = param.split()
+            assert "*" in param or decl[0] == "int", f"{name}: unexpected parameter {param.strip()!r}"
+            kinds.append(ctypes.c_void_p if "*" in param else ctypes.c_int)
+        found[name] = kinds
+    assert set(found) == {"fp4r_nvfp4_gemv", "fp4r_dense_gemv"}
+    for name, kinds in found.items():
+        assert kc._SIGNATURES[name] == kinds, name
 
 
 def test_tile_dense_places_each_element_by_the_lane_formula():

@@ -103,14 +103,20 @@ def build_library(force: bool = False) -> Path:
     return out
 
 
+_P, _I = ctypes.c_void_p, ctypes.c_int
+# The ctypes signatures of the library's extern "C" functions (a CPU test checks them against the source).
+_SIGNATURES = {
+    "fp4r_nvfp4_gemv": [_P] * 7 + [_I] * 8 + [_P],
+    "fp4r_dense_gemv": [_P] * 6 + [_I] * 9 + [_P],
+}
+
+
 @functools.cache
 def _lib() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build_library()))
-    p, i = ctypes.c_void_p, ctypes.c_int
-    lib.fp4r_nvfp4_gemv.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, p]
-    lib.fp4r_nvfp4_gemv.restype = i
-    lib.fp4r_dense_gemv.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, i, i, i, i, p]
-    lib.fp4r_dense_gemv.restype = i
+    for name, args in _SIGNATURES.items():
+        getattr(lib, name).argtypes = args
+        getattr(lib, name).restype = _I
     return lib
 
 
