@@ -30,10 +30,9 @@ from torch import nn
 from fp4reason.formats import MXFP4Tensor, NVFP4Tensor, qdq_kv4, qdq_mxfp4, qdq_nvfp4
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
-# gate/up (NVFP4, or dense at decode) on CUDA with the kernel's silu(gate) * up epilogue
-# (FP4REASON_GATED_MLP=0: the plain kernel and a separate activation kernel, for A/B runs)
+# NVFP4 gate/up on CUDA with the kernel's silu(gate) * up epilogue (FP4REASON_GATED_MLP=0: the plain kernel
+# and a separate activation kernel, for A/B runs)
 _GATED_MLP = os.environ.get("FP4REASON_GATED_MLP", "1") == "1"
-_DENSE_GEMV = os.environ.get("FP4REASON_DENSE_GEMV", "0") == "1"  # dense decode through kernels.dense_linear
 _ATTN_QUANT = os.environ.get("FP4REASON_ATTN_QUANT", "1") == "1"  # A/B switch (benchmarks/NOTES.md v12)
 
 
@@ -231,10 +230,10 @@ class Projection:
     fused tensor (no second copy of the weights). ``FP4Linear`` groups with equal tensor scales (and equal
     input scales for W4A4) become one FP4 weight, prepared once for the CUDA kernel and called through
     ``fp4reason.kernels``. Groups that cannot be fused run as one projection per module; modules of
-    other types are called as they are. With ``FP4REASON_DENSE_GEMV=1`` dense weights on CUDA decode through
-    ``kernels.dense_linear``. ``gated`` (a SwiGLU MLP's [gate, up]): on CUDA the fused
-    weight goes through the kernel's silu(gate) * up epilogue and the call returns that product
-    (``self.gated``).
+    other types are called as they are. ``gated`` (a SwiGLU MLP's [gate, up]): on CUDA a fused NVFP4 weight is
+    tiled for the kernel's silu(gate) * up epilogue and the call returns that product (``self.gated``).
+    Dense weights run through ``F.linear`` (cuBLAS): the dense small-M kernel measured slower end to end
+    (benchmarks/NOTES.md v17).
     """
 
     def __init__(self, modules: list[nn.Module], fuse: bool = True, gated: bool = False) -> None:
@@ -243,28 +242,14 @@ class Projection:
         if len(modules) > 1 and not (fuse and (_all_dense(modules) or _fusable_fp4(modules, fp4))):
             self.kind, self.parts = "parts", [Projection([m]) for m in modules]
         elif _all_dense(modules):
-            self._init_dense(modules, gated and len(modules) == 2)
+            self._init_dense(modules)
         elif all(w is not None for w in fp4) and _fusable_fp4(modules, fp4):
             self._init_fp4(modules, fp4, gated and len(modules) == 2)
         else:
             self.module = modules[0]
 
-    def _init_dense(self, modules: list[nn.Module], gated: bool) -> None:
+    def _init_dense(self, modules: list[nn.Module]) -> None:
         self.kind = "dense"
-        self._init_dense_weight(modules)
-        n, k = self.weight.shape
-        # decode (M <= 16) through the small-M kernel: cuBLAS's GEMV reaches ~1.16x the byte floor, and the
-        # kernel's epilogue applies silu(gate) * up; prefill stays F.linear. Opt-in until its GPU tests have
-        # run (benchmarks/NOTES.md v17)
-        self.dense_kernel = (
-            self.weight.is_cuda
-            and self.weight.dtype in (torch.bfloat16, torch.float16)
-            and k % 128 == 0
-            and _DENSE_GEMV
-        )
-        self.gated = self.dense_kernel and gated and n % 16 == 0 and modules[0].weight.shape[0] * 2 == n
-
-    def _init_dense_weight(self, modules: list[nn.Module]) -> None:
         if len(modules) == 1:
             self.weight, self.bias = modules[0].weight, modules[0].bias
             return
@@ -319,12 +304,7 @@ class Projection:
     def __call__(self, x: torch.Tensor, ops: "Ops | None" = None, quantized: bool = False) -> torch.Tensor:
         """``quantized``: ``x`` already went through this projection's input quantization."""
         if self.kind == "dense":
-            if self.dense_kernel and x.dtype == self.weight.dtype:
-                from fp4reason.kernels import dense_linear
-
-                return dense_linear(x, self.weight, self.bias, gated=self.gated)
-            y = F.linear(x, self.weight, self.bias)
-            return _silu_mul(y) if self.gated else y
+            return F.linear(x, self.weight, self.bias)
         if self.kind == "fp4":
             from fp4reason import kernels
 
