@@ -555,9 +555,9 @@ def dense_linear(
     of it (then ``n``: its row count, default all 16 rows of every tile), through the small-M kernel on CUDA
     for M <= 16 and ``F.linear`` elsewhere. ``gated``: ``w`` is a fused [gate; up] weight [2I, K]
     (row-major) and the result silu(gate) * up [..., I]. ``ctas``: override the grid (tests, sweeps).
-    Measured on an H100 (benchmarks/NOTES.md v17): with :func:`tile_dense`'s copy it is 1.01-1.12x cuBLAS
-    on qkv, o and gate_up shapes at M <= 4 and 0.88x on down; row-major it is ~0.6x cuBLAS. The engine does
-    not use it (cuBLAS; a tiled copy would double those weights' memory for a few per cent)."""
+    Measured on an H100 (benchmarks/NOTES.md v17): with :func:`tile_dense`'s copy it is 1.02-1.12x cuBLAS
+    on qkv and o shapes at M <= 8, 1.01x on gate_up at M = 1 only, and 0.89x on down; row-major ~0.6x.
+    The engine does not use it (cuBLAS; a tiled copy would double those weights' memory for a few %)."""
     if w.dim() not in (2, 6) or (w.dim() == 6 and tuple(w.shape[2:]) != (2, 4, 32, 8)):
         raise ValueError(f"dense weight must be [N, K] or tile_dense's 6-d layout, got {tuple(w.shape)}")
     if w.dim() == 2:
