@@ -8,6 +8,9 @@ byte floor at the measured device-copy bandwidth. Each kernel runs over enough d
 that L2 (50 MB) never holds the weight; the calls are captured in one CUDA graph and the median replay
 time over the copies is reported. Prints a per-linear table and per-layer sums with ratios.
 
+``--xf 16,64`` adds columns with the activation staging (XF, variants 10 / 11) allowed up to 16 and 64 KB
+per CTA, with their own rel err, in the same run as the dispatched kernel (``ours``: ``FP4REASON_XF``'s).
+
 With ``--dense`` it times the dense BF16 kernel (``dense_linear``, each variant, row-major and tiled
 weights, the gated epilogue on gate_up) against cuBLAS ``F.linear`` (+ silu(gate) * up) and the 16-bit
 byte floor instead.
@@ -137,6 +140,7 @@ def bench_shape(
     variants=(0, 4, 5),
     grids=(),
     gated: bool = False,
+    xfs=(),
 ) -> dict:
     torch.manual_seed(0)
     w = quantize_nvfp4(torch.randn(n, k, device="cuda") * 0.02)
@@ -176,6 +180,16 @@ def bench_shape(
             fk._ctas_per_sm = g
             row[f"cps{g}"] = time_calls([lambda c=c, x=x: nvfp4_linear(x, c) for c in nvs])
         fk._ctas_per_sm = per_sm
+        xf_kb = fk._xf_kb
+        for kb in xfs:  # activation staging (XF) up to kb KB per CTA, 0 = off
+            fk._xf_kb = kb
+            row[f"xf{kb}_rel_err"] = rel_err(nvfp4_linear(x, nvs[0]), x, w)
+            row[f"xf{kb}"] = time_calls([lambda c=c, x=x: nvfp4_linear(x, c) for c in nvs])
+            if gated:
+                gts = [prepare_nvfp4(c, gated=True) for c in [w] + [cts[0]] * (r_nv - 1)]
+                row[f"xf{kb}_gated"] = time_calls([lambda c=c, x=x: nvfp4_silu_mul(x, c) for c in gts])
+                del gts
+        fk._xf_kb = xf_kb
         if sweep:  # kernel variants x fixed split counts
             default = fk._variant
             for v in variants:
@@ -293,6 +307,7 @@ def main() -> int:
     ap.add_argument("--variants", default="0,4,5", help="kernel variants in the --sweep")
     ap.add_argument("--grids", default="", help="also time these CTAs-per-SM grid policies (0 = split-K)")
     ap.add_argument("--dense", action="store_true", help="time the dense BF16 kernel vs cuBLAS instead")
+    ap.add_argument("--xf", default="", help="also time activation staging up to these KB per CTA (0 = off)")
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     out = Path(args.out)
@@ -320,17 +335,18 @@ def main() -> int:
     shapes = sorted({s for lin in MODELS.values() for s in lin.values()})
     variants = [int(v) for v in args.variants.split(",")]
     grids = [int(v) for v in args.grids.split(",") if v]
+    xfs = [int(v) for v in args.xf.split(",") if v]
     gate_ups = {lin["gate_up"] for lin in MODELS.values()}
     results = {
         f"{n}x{k}": bench_shape(
-            n, k, ms, args.sweep, log, args.only_ours, variants, grids, gated=(n, k) in gate_ups
+            n, k, ms, args.sweep, log, args.only_ours, variants, grids, gated=(n, k) in gate_ups, xfs=xfs
         )
         for n, k in shapes
     }
-    gcols = [f"cps{g}" for g in grids]
+    gcols = [f"cps{g}" for g in grids] + [f"xf{kb}" for kb in xfs]
     cols = ["ours", "ours_pdl0", "ours_pdl1", "ours_gated", "humming", "cublas_bf16", "torch_int4"]
     cols += ["dequant_matmul"]
-    cols += gcols
+    cols += gcols + [f"xf{kb}_gated" for kb in xfs]
 
     lines = [f"# NVFP4 small-M kernel bench ({props.name}, copy BW {bw / 1e12:.2f} TB/s)", ""]
     lines += ["## Per linear (µs; eff = 4.5-bit bytes / ours)", ""]

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU-host driver: GPU tests and benchmarks, each with its own time limit, logs and JSON in $OUT.
-# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [attn] [profile] [grids] [srcprof]
-# (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, E2E_LIMIT, E2E_NEW; ab: AB="ENV=1 ENV=0 ..." runs a short NVFP4
-# e2e_bench once per setting, AB_BATCHES, AB_VARIANTS; attn: the attention bench per ATTN_COMBINE setting)
+# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [xf] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [attn] [profile] [grids] [srcprof]
+# (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, KERNEL_XF (kernel_bench --xf), E2E_LIMIT, E2E_NEW; ab: AB="ENV=1
+# ENV=0 ..." runs a short NVFP4 e2e_bench once per setting, AB_BATCHES, AB_VARIANTS; attn: the attention bench per
+# ATTN_COMBINE setting; xf: the GPU tests of the XF variants 10 / 11)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,9 +24,11 @@ step() {  # step NAME SECONDS CMD...
 cat "$OUT/gpu.txt"
 for s in $stages; do
   case $s in
-    tests) step gpu_tests 240 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
+    tests) step gpu_tests 300 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              tests/test_kernels.py tests/test_engine.py tests/test_engine_triton.py tests/test_quant.py \
              tests/test_sampling.py tests/test_sampling_triton.py ;;
+    xf) step xf_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging tests/test_kernels.py \
+          -k "(every_variant and (10 or 11)) or (any_grid and (10- or 11-))" ;;
     recheck) step gpu_recheck 150 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              -k "cuda_graphs or torch_compile" tests/test_kernels.py tests/test_engine.py ;;
     sampler) step sampler_overhead 120 python3 benchmarks/sampler_overhead.py --device cuda --out "$OUT/sampler_overhead_gpu.json" ;;
@@ -33,7 +36,8 @@ for s in $stages; do
              step fakequant_bench 120 python3 benchmarks/fakequant_bench.py --out "$OUT/fakequant_bench.json" ;;
     qat) step qat_throughput 240 python3 benchmarks/qat_throughput.py ${QAT_MODES:+--modes "$QAT_MODES"} \
            ${QAT_PROFILE:+--profile} --out "$OUT/qat_throughput.json" ;;
-    kernel) step kernel_bench 200 python3 benchmarks/kernel_bench.py --m "${KERNEL_M:-1,2,4,8,16}" --out "$OUT/kernel" ;;
+    kernel) step kernel_bench 300 python3 benchmarks/kernel_bench.py --m "${KERNEL_M:-1,2,4,8,16}" ${KERNEL_XF:+--xf "$KERNEL_XF"} \
+             --out "$OUT/kernel" ;;
     grids) for v in ${GRID_VARIANTS:-default}; do  # CTAs-per-SM grid policies per kernel variant (0 = split-K)
              if [ "$v" = default ]; then e=(); else e=("FP4REASON_VARIANT=$v"); fi
              step "kernel_grids_$v" 200 env "${e[@]}" python3 \

@@ -277,6 +277,28 @@ def test_stream_k_grid(monkeypatch):
     assert fk.grid_ctas(16, 24576, 4096) == 384 and fk.grid_ctas(16, 28672, 4096) == 528
 
 
+def test_activation_staging_dispatch(monkeypatch):
+    """XF (variants 10 / 11): the staged bytes worked by hand, the move 4 -> 10 / 9 -> 11 under the size
+    limit, nothing when it is off, and a forced XF variant that would not fit falls back."""
+    from fp4reason.kernels import cuda as fk
+
+    # Llama gate_up at M = 1, variant 9: 448 whole row blocks of 64 rows, 32 chunks each: 32 x 256 B
+    assert fk.staged_bytes(1, 28672, 4096, 448, 64) == 32 * 256
+    # down (4096 x 14336) at M = 4 on 512 CTAs of 128 rows: 32 x 112 units -> 7 chunks x 4 rows x 256 B
+    assert fk.staged_bytes(4, 4096, 14336, 512, 128) == 7 * 4 * 256
+    assert fk.staged_bytes(2, 1000, 2048, 1, 128) == 16 * 2 * 256  # one CTA: at most a row block's 16 chunks
+    assert fk.staged_bytes(1, 1000, 2048, 10_000, 128) == 256  # more CTAs than units: one chunk
+    monkeypatch.setattr(fk, "_xf_kb", 0)
+    assert fk.with_staging(9, 1, 28672, 4096, 448) == 9 and fk.with_staging(4, 1, 4096, 4096, 256) == 4
+    monkeypatch.setattr(fk, "_xf_kb", 16)
+    assert fk.with_staging(9, 1, 28672, 4096, 448) == 11 and fk.with_staging(9, 2, 28672, 4096, 448) == 11
+    assert fk.with_staging(9, 3, 28672, 4096, 448) == 9  # 24 KB
+    assert fk.with_staging(4, 16, 4096, 4096, 256) == 10  # 4 chunks x 16 rows = 16 KB
+    assert fk.with_staging(7, 1, 4096, 4096, 256) == 7  # no XF form
+    assert fk.with_staging(10, 16, 4096, 14336, 32) == 4  # a whole 112-chunk row block: 448 KB
+    assert fk.with_staging(11, 4, 28672, 4096, 448) == 11  # forced, 32 KB: fits
+
+
 # ---------------------------------------------------------------- GPU: the Hopper kernel
 
 SHAPES = {  # (N, K)
@@ -342,7 +364,7 @@ def test_kernel_fp16_bias_and_splits(m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", list(range(10)))
+@pytest.mark.parametrize("variant", list(range(12)))
 def test_kernel_every_variant(monkeypatch, variant):
     """Each compiled variant (row tiles, stages, activations via registers or a shared ring), both dtypes,
     with and without split-K, every M, an N that is not a multiple of the CTA rows."""
@@ -362,7 +384,7 @@ def test_kernel_every_variant(monkeypatch, variant):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 3, 5, 16])
-@pytest.mark.parametrize("variant", [4, 7, 9])
+@pytest.mark.parametrize("variant", [4, 7, 9, 10, 11])
 def test_kernel_any_grid(monkeypatch, m, variant):
     """Stream-K: any CTA count, so CTA ranges start and end inside row blocks, span several row blocks,
     or are empty (more CTAs than units); the workspace is clean afterwards. Variants 7 and 9 also split
@@ -455,7 +477,7 @@ def test_kernel_torch_compile():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", list(range(10)))
+@pytest.mark.parametrize("variant", list(range(12)))
 def test_kernel_gated_every_variant(monkeypatch, variant):
     """The silu(gate) * up epilogue: every variant, both dtypes, every M, with bias, on whole row blocks and
     on split / stream-K grids (the last CTA's path), against float64; the workspace is clean afterwards."""

@@ -45,10 +45,14 @@ _WS_ROWS = 1 << 17  # split-K is used for N up to this many rows
 # kernel variant (csrc launch_variant): 0/1/4/6 = 2 row tiles per warp (128 rows per CTA), 2/3/5 = 1
 # (64 rows); 4/5/6 stage the activations through a CTA-wide shared-memory ring instead of per-warp
 # registers (6: 8 stages); 7/8 = 16-row CTAs whose 4 warps split the k range (4/8 stages); 9 = 64 rows,
-# k split in two.
+# k split in two; 10 / 11 = 4 / 9 with each segment's activations staged whole in shared memory (XF).
 # None = variant 9 for wide N at M <= 8, else 4 (variant_for; H100 sweeps, benchmarks/NOTES.md v6, v10).
 _variant: int | None = int(os.environ["FP4REASON_VARIANT"]) if "FP4REASON_VARIANT" in os.environ else None
-_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64, 6: 128, 7: 16, 8: 16, 9: 64}
+_ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64, 6: 128, 7: 16, 8: 16, 9: 64, 10: 128, 11: 64}
+_XF_OF, _XF_BASE = {4: 10, 9: 11}, {10: 4, 11: 9}
+# XF is used where a CTA's staged activations take at most this many KB (0 = never; NOTES.md v18)
+_xf_kb = int(os.environ.get("FP4REASON_XF", "0"))
+_XF_LIMIT = 160 * 1024  # above this a forced 10 / 11 runs as 4 / 9 (the ring takes 37 KB of the 227)
 # programmatic dependent launch: None = on (v5 sweep: equal or faster on every 8B linear but Qwen3 gate_up at
 # M=16; v4, with more instructions per weight, had lost on the large ones)
 _pdl: int | None = int(os.environ["FP4REASON_PDL"]) if "FP4REASON_PDL" in os.environ else None
@@ -218,10 +222,29 @@ def grid_ctas(
     row_blocks, chunks = -(-n // _ROWS_PER_CTA[variant]), k // CHUNK
     if splits > 0:
         return row_blocks * min(splits, chunks)
-    per_sm = (0 if m <= 8 or variant == 9 else 4) if _ctas_per_sm is None else _ctas_per_sm
+    wide = _XF_BASE.get(variant, variant) == 9
+    per_sm = (0 if m <= 8 or wide else 4) if _ctas_per_sm is None else _ctas_per_sm
     if per_sm <= 0 or dense:
         return row_blocks * split_count(m, n, k, device, gated, dense)
     return max(1, min(per_sm * _sm_count(device), row_blocks * chunks // _MIN_CHUNKS))
+
+
+def staged_bytes(m: int, n: int, k: int, ctas: int, rows: int) -> int:
+    """Shared memory for XF's activations (csrc ``launch``): the longest segment a CTA of ``ctas`` gets,
+    ceil(units / ctas) chunks but at most a row block's, times ``m`` token rows of 128 bf16/fp16."""
+    chunks = k // CHUNK
+    units = -(-n // rows) * chunks
+    return min(chunks, -(-units // ctas)) * m * CHUNK * 2
+
+
+def with_staging(variant: int, m: int, n: int, k: int, ctas: int) -> int:
+    """``variant`` on ``ctas`` CTAs, moved to its XF form (4 -> 10, 9 -> 11) where the staged activations fit
+    ``FP4REASON_XF`` KB, and back (10 -> 4, 11 -> 9) where a forced XF variant would not fit the SM."""
+    if variant in _XF_OF and staged_bytes(m, n, k, ctas, _ROWS_PER_CTA[variant]) <= _xf_kb * 1024:
+        return _XF_OF[variant]
+    if variant in _XF_BASE and staged_bytes(m, n, k, ctas, _ROWS_PER_CTA[variant]) > _XF_LIMIT:
+        return _XF_BASE[variant]
+    return variant
 
 
 def supported(x: torch.Tensor, n: int, k: int) -> bool:
@@ -369,6 +392,7 @@ def nvfp4_linear_op(
     ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
     if ws is None:
         ctas = whole
+    variant = with_staging(variant, m, n, k, ctas)
     work, counters = ws if ws is not None else (None, None)
     err = _lib().fp4r_nvfp4_gemv(
         x.data_ptr(),

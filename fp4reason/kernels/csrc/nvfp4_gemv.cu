@@ -173,7 +173,11 @@ __device__ __forceinline__ int xs_unit(int row, int u) { return u ^ (((row & 1) 
 // 512 contiguous bytes). Dense drops the decode, the scales and the LUT; ring, mma, split-K and epilogues
 // are shared. Gated + row-major: lane rows g / g + 8 read gate row tile*8 + g / up row N/2 + tile*8 + g, so the
 // fused [gate; up] weight needs no reordering.
-template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK, bool GATED, int DENSE = 0>
+//
+// XF: the segment's activations, all its chunks, copied once into shared memory after the PDL wait (one
+// barrier per segment); the loop then reads them with LDS: no activation load in flight behind the weight
+// stream (v13: 23 % of gate_up's M = 1 stalls waited on them) and no per-chunk barrier (the XS ring's).
+template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK, bool GATED, int DENSE = 0, bool XF = false>
 __global__ void __launch_bounds__(WARPS * 32)
     nvfp4_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ tiled,
                       const float* __restrict__ gscale,
@@ -199,6 +203,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   static_assert(WK == 1 || !XS, "warps splitting k read their own activations");
+  static_assert(!(XS && XF), "one way to stage the activations");
   constexpr int ROWS_PER_CTA = WARPS / WK * RT * 16;
   const int chunks = K / CHUNK;
   const int kw = warp % WK;  // this warp's share of each segment's chunks (WK warps per row tile)
@@ -285,6 +290,35 @@ __global__ void __launch_bounds__(WARPS * 32)
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int w = 0; w < 4; ++w) xv[n][w] = lds128(xoff[w] + stage * XSTAGE + n * 8 * 256);
+  };
+  // XF: [chunk of the segment][token row < M][256 B], units swizzled as in XS, after the ring and the WK sums
+  constexpr int RED_BYTES = WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
+  const uint32_t xfbuf = smem_addr(dyn_smem) + WARPS * STAGES * STAGE + RED_BYTES;
+  uint32_t xfoff[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int row = min(n * 8 + g, M - 1);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) xfoff[n][w] = xfbuf + row * 256 + xs_unit(row, t * 4 + w) * 16;
+  }
+  // chunks [c0, c1) of every token row, then wait for them (and the weight prologue) and make them CTA-visible
+  auto stage_xf = [&](int c0, int c1) {
+    const int units = (c1 - c0) * 16;
+    for (int m = 0; m < M; ++m) {
+      const uint16_t* src = x + (size_t)m * K + (size_t)c0 * CHUNK;
+      for (int i = threadIdx.x; i < units; i += WARPS * 32)
+        cp16(xfbuf + ((i >> 4) * M + m) * 256 + xs_unit(m, i & 15) * 16, src + (i >> 4) * CHUNK + (i & 15) * 8);
+    }
+    cp_commit();
+    cp_wait<0>();
+    __syncthreads();
+  };
+  auto read_xf = [&](uint4 (&xv)[NT][4], int j) {
+    const uint32_t o = j * M * 256;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) xv[n][w] = lds128(xfoff[n][w] + o);
   };
   float acc[RT][NT][4];
   // the ring stage's weights and scales times activations xv, into acc
@@ -407,6 +441,20 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
         uint4 xv[NT][4];
         read_x(xv, stage);
+        compute(stage, xv);
+        stage = stage == STAGES - 1 ? 0 : stage + 1;
+      }
+    } else if constexpr (XF) {
+      stage_xf(c_begin, c_end);
+      for (int c = kb; c < ke; ++c) {
+        {
+          int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
+          if (cn < ke) issue(sn);
+          cp_commit();
+        }
+        cp_wait<STAGES - 1>();
+        uint4 xv[NT][4];
+        read_xf(xv, c - c_begin);
         compute(stage, xv);
         stage = stage == STAGES - 1 ? 0 : stage + 1;
       }
@@ -566,25 +614,29 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-template <bool BF16, int NT, int STAGES, int RT, bool XS = false, int WK = 1, int DENSE = 0>
+template <bool BF16, int NT, int STAGES, int RT, bool XS = false, int WK = 1, int DENSE = 0, bool XF = false>
 int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
            const void* bias, void* out, float* work, int* counters, int M, int N, int K, int gated) {
   constexpr int rows = WARPS / WK * RT * 16;
-  constexpr int smem = WARPS * STAGES * RT * 16 * (DENSE ? CHUNK * 2 : 64 + 8) +
-                       (XS ? STAGES * NT * 8 * CHUNK * 2 : 0) + WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
-  auto kern = gated ? nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, true, DENSE>
-                    : nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, false, DENSE>;
-  if constexpr (smem > 48 * 1024) {
-    static bool configured[2][64] = {};  // once per kernel and device
+  int smem = WARPS * STAGES * RT * 16 * (DENSE ? CHUNK * 2 : 64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0) +
+             WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
+  if constexpr (XF) {  // the longest segment a CTA gets: ceil(units / ctas) chunks, at most a whole row block
+    const long long chunks = K / CHUNK, units = (long long)((N + rows - 1) / rows) * chunks;
+    smem += (int)min(chunks, (units + ctas - 1) / ctas) * M * CHUNK * 2;
+  }
+  auto kern = gated ? nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, true, DENSE, XF>
+                    : nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, false, DENSE, XF>;
+  if (smem > 46 * 1024) {  // 48 KB without the opt-in counts the ~1-2 KB of static shared memory too
+    static int configured[2][64] = {};  // the dynamic shared memory allowed so far, per kernel and device
     int dev = 0;
     cudaGetDevice(&dev);
-    if (dev >= 64 || !configured[gated != 0][dev]) {
+    if (dev >= 64 || configured[gated != 0][dev] < smem) {
       cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
       if (e != cudaSuccess) {
         cudaGetLastError();
         return (int)e;
       }
-      if (dev < 64) configured[gated != 0][dev] = true;
+      if (dev < 64) configured[gated != 0][dev] = smem;
     }
   }
   if ((!work || !counters) && ctas != (N + rows - 1) / rows) return (int)cudaErrorInvalidValue;
@@ -608,7 +660,8 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
 // variant: 0 = 2 row tiles per warp, 4 stages; 1 = 2 tiles, 6 stages; 2 = 1 tile, 4 stages; 3 = 1 tile, 8 stages;
 // 4 / 5 = 2 / 1 tiles, 4 stages, activations through a CTA-wide shared-memory ring (XS); 6 = 4 with 8 stages;
 // 7 / 8 = 1 tile per CTA (16 rows), its 4 warps splitting each segment's chunks (in-CTA split-K through shared
-// memory), 4 / 8 stages; 9 = 2 tiles per warp pair (64 rows), k split in two
+// memory), 4 / 8 stages; 9 = 2 tiles per warp pair (64 rows), k split in two; 10 / 11 = 4 / 9 with the segment's
+// activations staged whole in shared memory (XF) instead of a ring / registers
 template <bool BF16, int NT>
 int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
                    const void* bias, void* out, float* work, int* cnt, int M, int N, int K, int gated) {
@@ -622,6 +675,8 @@ int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_
     case 7: return launch<BF16, NT, 4, 1, false, 4>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
     case 8: return launch<BF16, NT, 8, 1, false, 4>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
     case 9: return launch<BF16, NT, 4, 2, false, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 10: return launch<BF16, NT, 4, 2, false, 1, 0, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 11: return launch<BF16, NT, 4, 2, false, 2, 0, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
     default: return launch<BF16, NT, 4, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
   }
 }
