@@ -10,6 +10,9 @@ time over the copies is reported. Prints a per-linear table and per-layer sums w
 
 ``--xf 16,64`` adds columns with the activation staging (XF, variants 10 / 11) allowed up to 16 and 64 KB
 per CTA, with their own rel err, in the same run as the dispatched kernel (``ours``: ``FP4REASON_XF``'s).
+``--norm`` adds, for the projections after a norm (qkv, gate_up with its silu(gate) * up epilogue), the
+engine's compiled add + RMSNorm followed by the kernel (``sep_norm``) and the add + norm inside the kernel
+(``fused_norm``, ``nvfp4_norm_linear``), both per call of the pair.
 
 With ``--dense`` it times the dense BF16 kernel (``dense_linear``, each variant, row-major and tiled
 weights, the gated epilogue on gate_up) against cuBLAS ``F.linear`` (+ silu(gate) * up) and the 16-bit
@@ -34,7 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.e2e_bench import copy_bandwidth  # noqa: E402
 from fp4reason.formats import NVFP4Tensor, quantize_nvfp4
 from fp4reason.kernels import cuda as fk
-from fp4reason.kernels import dense_linear, nvfp4_linear, nvfp4_silu_mul, prepare_nvfp4, tile_dense
+from fp4reason.kernels import (
+    dense_linear,
+    nvfp4_linear,
+    nvfp4_norm_linear,
+    nvfp4_silu_mul,
+    prepare_nvfp4,
+    tile_dense,
+)
 from fp4reason.kernels.reference import silu_mul_reference
 
 MODELS = {
@@ -130,6 +140,20 @@ def rel_err(y: torch.Tensor, x: torch.Tensor, w: NVFP4Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def time_norm(ws: list, x: torch.Tensor, gated: bool) -> dict:
+    """µs per (add + RMSNorm, projection) pair over the weight copies ``ws``: the engine's compiled add + norm
+    then the kernel (``sep_norm``), and the add + norm inside the kernel (``fused_norm``)."""
+    from fp4reason.engine.model import _add_rms_norm, _compiled
+
+    add_norm, fused = _compiled(_add_rms_norm), nvfp4_norm_linear
+    proj = nvfp4_silu_mul if gated else nvfp4_linear
+    d, nw = torch.randn_like(x), (1 + 0.1 * torch.randn(x.shape[-1], device="cuda")).to(x.dtype)
+    return {
+        "sep_norm": time_calls([lambda c=c: proj(add_norm(x, d, nw, 1e-6)[1], c) for c in ws]),
+        "fused_norm": time_calls([lambda c=c: fused(x, nw, 1e-6, c, delta=d, gated=gated) for c in ws]),
+    }
+
+
 def bench_shape(
     n: int,
     k: int,
@@ -141,6 +165,7 @@ def bench_shape(
     grids=(),
     gated: bool = False,
     xfs=(),
+    norm: bool = False,
 ) -> dict:
     torch.manual_seed(0)
     w = quantize_nvfp4(torch.randn(n, k, device="cuda") * 0.02)
@@ -190,6 +215,10 @@ def bench_shape(
                 row[f"xf{kb}_gated"] = time_calls([lambda c=c, x=x: nvfp4_silu_mul(x, c) for c in gts])
                 del gts
         fk._xf_kb = xf_kb
+        if norm:  # the residual add + RMSNorm before the projection: a separate kernel, or inside it
+            ws = [prepare_nvfp4(c, gated=gated) for c in [w] + [cts[0]] * (r_nv - 1)]
+            row.update(time_norm(ws, x, gated))
+            del ws
         if sweep:  # kernel variants x fixed split counts
             default = fk._variant
             for v in variants:
@@ -308,6 +337,7 @@ def main() -> int:
     ap.add_argument("--grids", default="", help="also time these CTAs-per-SM grid policies (0 = split-K)")
     ap.add_argument("--dense", action="store_true", help="time the dense BF16 kernel vs cuBLAS instead")
     ap.add_argument("--xf", default="", help="also time activation staging up to these KB per CTA (0 = off)")
+    ap.add_argument("--norm", action="store_true", help="also time the add + RMSNorm, separate vs in-kernel")
     args = ap.parse_args()
     ms = [int(v) for v in args.m.split(",")]
     out = Path(args.out)
@@ -337,16 +367,27 @@ def main() -> int:
     grids = [int(v) for v in args.grids.split(",") if v]
     xfs = [int(v) for v in args.xf.split(",") if v]
     gate_ups = {lin["gate_up"] for lin in MODELS.values()}
+    normed = {lin[p] for lin in MODELS.values() for p in ("qkv", "gate_up")} if args.norm else set()
     results = {
         f"{n}x{k}": bench_shape(
-            n, k, ms, args.sweep, log, args.only_ours, variants, grids, gated=(n, k) in gate_ups, xfs=xfs
-        )
+            n,
+            k,
+            ms,
+            args.sweep,
+            log,
+            args.only_ours,
+            variants,
+            grids,
+            gated=(n, k) in gate_ups,
+            xfs=xfs,
+            norm=(n, k) in normed,
+        )  # fmt: skip
         for n, k in shapes
     }
     gcols = [f"cps{g}" for g in grids] + [f"xf{kb}" for kb in xfs]
     cols = ["ours", "ours_pdl0", "ours_pdl1", "ours_gated", "humming", "cublas_bf16", "torch_int4"]
     cols += ["dequant_matmul"]
-    cols += gcols + [f"xf{kb}_gated" for kb in xfs]
+    cols += gcols + [f"xf{kb}_gated" for kb in xfs] + (["sep_norm", "fused_norm"] if args.norm else [])
 
     lines = [f"# NVFP4 small-M kernel bench ({props.name}, copy BW {bw / 1e12:.2f} TB/s)", ""]
     lines += ["## Per linear (µs; eff = 4.5-bit bytes / ours)", ""]

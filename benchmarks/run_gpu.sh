@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU-host driver: GPU tests and benchmarks, each with its own time limit, logs and JSON in $OUT.
-# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [tests] [xf] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [attn] [profile] [grids] [srcprof]
-# (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, KERNEL_XF (kernel_bench --xf), E2E_LIMIT, E2E_NEW; ab: AB="ENV=1
-# ENV=0 ..." runs a short NVFP4 e2e_bench once per setting, AB_BATCHES, AB_VARIANTS; attn: the attention bench per
-# ATTN_COMBINE setting; xf: the GPU tests of the XF variants 10 / 11)
+# Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [build] [tests] [xf] [norm] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [attn] [profile] [grids] [srcprof]
+# (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, KERNEL_XF (kernel_bench --xf), KERNEL_NORM=1 (--norm), E2E_LIMIT,
+# E2E_NEW; build: the kernel library alone, so the next stage's limit is not spent compiling; ab: AB="ENV=1
+# ENV=0 A=1,B=2 ..." runs a short NVFP4 e2e_bench once per setting (commas join variables), AB_BATCHES,
+# AB_VARIANTS; attn: the attention bench per ATTN_COMBINE setting; xf: the GPU tests of the XF variants 10 / 11;
+# norm: the GPU tests of the add + RMSNorm variants 12 / 13 and the engine's fold, and W4A16 decode checks with it)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,11 +26,18 @@ step() {  # step NAME SECONDS CMD...
 cat "$OUT/gpu.txt"
 for s in $stages; do
   case $s in
+    build) step build 240 python3 -c "from fp4reason.kernels.cuda import build_library; print(build_library())" ;;
     tests) step gpu_tests 300 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              tests/test_kernels.py tests/test_engine.py tests/test_engine_triton.py tests/test_quant.py \
              tests/test_sampling.py tests/test_sampling_triton.py ;;
     xf) step xf_tests 120 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging tests/test_kernels.py \
           -k "(every_variant and (10 or 11)) or (any_grid and (10- or 11-))" ;;
+    norm) step norm_tests 150 python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging tests/test_kernels.py \
+            tests/test_engine.py -k "norm"
+          for b in 1 8; do
+            step "decode_check_norm_b$b" 100 env FP4REASON_NORM_FOLD=8 python3 benchmarks/decode_check.py \
+              --variant nvfp4-w4a16 --batch "$b" --steps 64
+          done ;;
     recheck) step gpu_recheck 150 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              -k "cuda_graphs or torch_compile" tests/test_kernels.py tests/test_engine.py ;;
     sampler) step sampler_overhead 120 python3 benchmarks/sampler_overhead.py --device cuda --out "$OUT/sampler_overhead_gpu.json" ;;
@@ -37,7 +46,7 @@ for s in $stages; do
     qat) step qat_throughput 240 python3 benchmarks/qat_throughput.py ${QAT_MODES:+--modes "$QAT_MODES"} \
            ${QAT_PROFILE:+--profile} --out "$OUT/qat_throughput.json" ;;
     kernel) step kernel_bench 300 python3 benchmarks/kernel_bench.py --m "${KERNEL_M:-1,2,4,8,16}" ${KERNEL_XF:+--xf "$KERNEL_XF"} \
-             --out "$OUT/kernel" ;;
+             ${KERNEL_NORM:+--norm} --out "$OUT/kernel" ;;
     grids) for v in ${GRID_VARIANTS:-default}; do  # CTAs-per-SM grid policies per kernel variant (0 = split-K)
              if [ "$v" = default ]; then e=(); else e=("FP4REASON_VARIANT=$v"); fi
              step "kernel_grids_$v" 200 env "${e[@]}" python3 \
@@ -50,7 +59,7 @@ for s in $stages; do
              ncu -i /tmp/src.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_source_sass.csv" 2>&1
              ncu -i /tmp/src.ncu-rep --page details > "$OUT/ncu_source_details.txt" 2>&1 ;;
     ab) for setting in ${AB:-FP4REASON_PDL_OPS=1 FP4REASON_PDL_OPS=0}; do
-          step "e2e_ab_${setting//[^A-Za-z0-9]/_}" 150 env "$setting" python3 benchmarks/e2e_bench.py \
+          step "e2e_ab_${setting//[^A-Za-z0-9]/_}" 150 env ${setting//,/ } python3 benchmarks/e2e_bench.py \
             --variants "${AB_VARIANTS:-nvfp4-w4a16,nvfp4-w4a4}" --batches "${AB_BATCHES:-1,8}" --new-tokens 256 \
             --long-len 0 --no-compare-attn --out "$OUT/e2e_ab_${setting//[^A-Za-z0-9]/_}.json"
         done ;;

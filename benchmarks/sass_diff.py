@@ -5,7 +5,8 @@ machine code alone; when it does, their earlier GPU tests and timings still desc
 compiled for sm_90 with ``nvcc -cubin`` and disassembled with nvdisasm (the test extra's
 ``nvidia-cuda-nvdisasm``); labels, the anonymous-namespace hash and the self-references in returns are renamed
 before the comparison, and a kernel's name is matched with ``--extra-param`` appended to its old template
-arguments (for a parameter added at the end)::
+arguments (for a parameter added at the end; kernel parameters appended at the end change only the name's
+tail, which the match ignores)::
 
     python benchmarks/sass_diff.py b933235^ --extra-param Li0E
 """
@@ -42,7 +43,7 @@ def kernels(src: Path, tmp: Path) -> dict[str, list[str]]:
             continue
         m = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
         if name and m:
-            ins = re.sub(r"__internal_\d+_", "__internal_", m.group(1).strip())
+            ins = re.sub(r"\s+", " ", re.sub(r"__internal_\d+_", "__internal_", m.group(1).strip()))
             out[name].append(re.sub(r"\(_ZN\S+\)", "(self)", re.sub(r"\.L_x_\d+", "L", ins)))
     return out
 
@@ -63,9 +64,11 @@ def main() -> int:
             ).stdout
         )
         old, new = kernels(old_src, tmp), kernels(ROOT / SRC, tmp)
+    # matched on the template arguments only: parameters appended to the kernel change the mangled name's tail
+    new = {name.split("EEv", 1)[0]: sass for name, sass in new.items()}
     same, changed, gone = 0, [], []
     for name, sass in old.items():
-        now = new.get(name.replace("EEvPKt", args.extra_param + "EEvPKt", 1))
+        now = new.get(name.split("EEv", 1)[0] + args.extra_param)
         if now is None:
             gone.append(name)
         elif now == sass:

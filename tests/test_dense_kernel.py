@@ -28,18 +28,20 @@ def _rel(y, ref):
 
 
 def test_ctypes_signatures_match_the_c_source():
-    """Every extern "C" function's parameters (pointer or int, in order) are what ctypes passes: a missing or
-    extra argument would shift every later one (a GPU run once failed on exactly that)."""
+    """Every extern "C" function's parameters (pointer, int or float, in order) are what ctypes passes: a
+    missing or extra argument would shift every later one (a GPU run once failed on exactly that)."""
     src = kc._SRC.read_text()
+    scalars = {"int": ctypes.c_int, "float": ctypes.c_float}
     found = {}
     for name, params in re.findall(r"^int (fp4r_\w+)\(([^)]*)\)", src, flags=re.M):
         kinds = []
         for param in params.split(","):
             decl = param.split()
-            assert "*" in param or decl[0] == "int", f"{name}: unexpected parameter {param.strip()!r}"
-            kinds.append(ctypes.c_void_p if "*" in param else ctypes.c_int)
+            kind = ctypes.c_void_p if "*" in param else scalars.get(decl[0])
+            assert kind is not None, f"{name}: unexpected parameter {param.strip()!r}"
+            kinds.append(kind)
         found[name] = kinds
-    assert set(found) == {"fp4r_nvfp4_gemv", "fp4r_dense_gemv"}
+    assert set(found) == {"fp4r_nvfp4_gemv", "fp4r_nvfp4_norm_gemv", "fp4r_dense_gemv"}
     for name, kinds in found.items():
         assert kc._SIGNATURES[name] == kinds, name
 

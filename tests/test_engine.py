@@ -111,6 +111,36 @@ def test_w4a4_input_quantization_folds_into_norms(monkeypatch):
     assert n_folded["silu"] == steps_layers and n_folded["qdq"] == n_plain["qdq"]  # one quantization each
 
 
+def test_norm_fold_threads_the_residual(monkeypatch):
+    """``FP4REASON_NORM_FOLD``: qkv and gate_up take (residual, delta) and return (output, new residual);
+    on the CPU reference math the engine's tokens and entropies are exactly the unfolded ones, and every
+    decode norm with a delta (all but layer 0's input norm) went through the fold."""
+    import fp4reason.engine.model as m
+
+    model = _quantized("qwen3", "nvfp4-w4a16")
+    prompts = _prompts((6, 3), seed=4)
+    plain = Engine(model, None, max_batch_size=2, max_seq_len=32).generate(
+        prompts, max_new_tokens=6, return_entropies=True
+    )
+    calls = []
+    real = m.Projection.norm_linear
+
+    def counted(self, *args):
+        calls.append(self)
+        return real(self, *args)
+
+    # the fold's CUDA-only condition without the device check, for up to 2 tokens (decode, not prefill)
+    fold = lambda self, x: self.kind == "fp4" and x.numel() // x.shape[-1] <= 2  # noqa: E731
+    monkeypatch.setattr(m.Projection, "folds_norm", fold)
+    monkeypatch.setattr(m.Projection, "norm_linear", counted)
+    folded = Engine(model, None, max_batch_size=2, max_seq_len=32).generate(
+        prompts, max_new_tokens=6, return_entropies=True
+    )
+    assert [g.token_ids for g in folded] == [g.token_ids for g in plain]
+    assert [g.entropies for g in folded] == [g.entropies for g in plain]
+    assert len(calls) == 5 * (2 * len(model.model.layers) - 1)  # 5 decode steps after the prefill's token
+
+
 def test_mxfp4_matches_hf():
     model = _quantized("qwen2", "mxfp4-w4a4")
     prompts = _prompts((4, 7))
@@ -299,6 +329,31 @@ def test_cuda_gated_mlp_equals_separate_activation(scheme):
         assert got.shape == want.shape == (3, 1, 256)
         rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
         assert rel < 2e-2, (scheme, ops.compiled, rel)
+
+
+@pytest.mark.gpu
+def test_cuda_norm_fold_equals_separate_norm(monkeypatch):
+    """On CUDA with ``FP4REASON_NORM_FOLD`` the qkv / gate_up kernels add the residual and normalize: the
+    residual equals torch's add exactly, the projection the separate norm's up to rounding (the kernel sums
+    the squares in another order), at every batch size up to 16."""
+    import fp4reason.engine.model as m
+    from fp4reason.engine.model import Ops
+
+    model = _kernel_sized_model().cuda()
+    layer = Engine(model, None, max_batch_size=2, max_seq_len=64).decoder.layers[1]
+    ops = Ops(compiled=True)
+    for b in (1, 2, 5, 16):
+        x = torch.randn(b, 1, 256, device="cuda", dtype=torch.bfloat16)
+        delta = torch.randn_like(x)
+        for norm, proj in ((layer.in_norm, layer.qkv), (layer.post_norm, layer.gate_up)):
+            monkeypatch.setattr(m, "_NORM_FOLD", 0)
+            h0, y0 = layer._norm_proj(x, delta, norm, proj, ops)
+            monkeypatch.setattr(m, "_NORM_FOLD", 16)
+            assert proj.folds_norm(x)
+            h1, y1 = layer._norm_proj(x, delta, norm, proj, ops)
+            assert torch.equal(h1, x + delta) and torch.equal(h0, h1)
+            rel = ((y1.float() - y0.float()).norm() / y0.float().norm()).item()
+            assert y1.shape == y0.shape and rel < 1e-2, (b, rel)
 
 
 @pytest.mark.gpu

@@ -45,8 +45,8 @@ def test_no_activation_load_before_the_pdl_wait(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True)
     sass = subprocess.run([disasm, str(cubin)], check=True, capture_output=True, text=True).stdout
     kernels = {k: v for k, v in _functions(sass).items() if "nvfp4_gemv_kernel" in k}
-    # (NVFP4: 12 variants, dense: 4 variants x 2 layouts) x bf16/fp16 x 1/2 token blocks x plain/gated
-    assert len(kernels) == 160
+    # (NVFP4: 14 variants, dense: 4 variants x 2 layouts) x bf16/fp16 x 1/2 token blocks x plain/gated
+    assert len(kernels) == 176
     early = []
     for name, ops in kernels.items():
         wait = ops.index("ACQBULK")  # every kernel waits (griddepcontrol.wait) before its activations

@@ -13,6 +13,7 @@ from fp4reason.kernels import (
     gated_rows,
     nvfp4_linear,
     nvfp4_linear_reference,
+    nvfp4_norm_linear,
     nvfp4_silu_mul,
     prepare_nvfp4,
     tile_nvfp4,
@@ -30,6 +31,12 @@ def _silu_mul64(x: torch.Tensor, w: NVFP4Tensor, bias=None) -> torch.Tensor:
     """float64 silu(gate) * up of a fused [gate; up] weight, written out: gate * sigmoid(gate) * up."""
     gate, up = _ref64(x, w, bias).chunk(2, dim=-1)
     return gate / (1 + torch.exp(-gate)) * up
+
+
+def _norm64(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """float64 RMSNorm of h times the weight, without any rounding in between."""
+    hd = h.double()
+    return hd / torch.sqrt(hd.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -299,6 +306,66 @@ def test_activation_staging_dispatch(monkeypatch):
     assert fk.with_staging(11, 4, 28672, 4096, 448) == 11  # forced, 32 KB: fits
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_linear_reference_matches_float64(dtype):
+    """``nvfp4_norm_linear`` off the GPU: h = x + delta as torch adds, the projection of RMSNorm(h) against
+    float64 (plain and gated, delta or none), leading dims kept."""
+    g = torch.Generator().manual_seed(3)
+    w = quantize_nvfp4(torch.randn(96, 256, generator=g) * 0.05)
+    x = (torch.randn(2, 3, 256, generator=g) * 2).to(dtype)
+    delta = torch.randn(2, 3, 256, generator=g).to(dtype)
+    nw = (1 + 0.2 * torch.randn(256, generator=g)).to(dtype)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    y, h = nvfp4_norm_linear(x, nw, 1e-6, w, delta=delta)
+    assert torch.equal(h, x + delta) and y.shape == (2, 3, 96)
+    assert _rel(y, _ref64(_norm64(h, nw, 1e-6), w)) < tol
+    y0, h0 = nvfp4_norm_linear(x, nw, 1e-6, w)
+    assert torch.equal(h0, x) and _rel(y0, _ref64(_norm64(x, nw, 1e-6), w)) < tol
+    yg, _ = nvfp4_norm_linear(x, nw, 1e-6, w, delta=delta, gated=True)
+    assert yg.shape == (2, 3, 48) and _rel(yg, _silu_mul64(_norm64(h, nw, 1e-6), w)) < tol
+
+
+def test_norm_linear_custom_op_cpu_fallback_and_fake():
+    """The op's fallback: h a fresh tensor (also without delta), y the projection of RMSNorm(h)."""
+    w = quantize_nvfp4(torch.randn(24, 128))
+    t = prepare_nvfp4(w)
+    x, delta = torch.randn(3, 128, dtype=torch.bfloat16), torch.randn(3, 128, dtype=torch.bfloat16)
+    nw = torch.rand(128, dtype=torch.bfloat16) + 0.5
+    op = torch.ops.fp4reason.nvfp4_norm_linear
+    y, h = op(x, delta, nw, 1e-5, t.tiled, t.global_scale, None, 24, 0, False)
+    assert torch.equal(h, x + delta) and _rel(y, _ref64(_norm64(h, nw, 1e-5), w)) < 1e-2
+    y0, h0 = op(x, None, nw, 1e-5, t.tiled, t.global_scale, None, 24, 0, False)
+    assert torch.equal(h0, x) and h0.data_ptr() != x.data_ptr()
+    for d in (delta, None):
+        torch.library.opcheck(
+            op, (x, d, nw, 1e-5, t.tiled, t.global_scale, None, 24, 0, False), test_utils=("test_faketensor",)
+        )
+
+
+def test_norm_linear_bad_inputs_raise():
+    w = quantize_nvfp4(torch.randn(16, 64))
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="delta must match"):
+        nvfp4_norm_linear(x, torch.ones(64), 1e-6, w, delta=torch.randn(3, 64))
+    with pytest.raises(ValueError, match="norm_weight must have shape"):
+        nvfp4_norm_linear(x, torch.ones(32), 1e-6, w)
+    with pytest.raises(ValueError, match="K=64"):
+        nvfp4_norm_linear(torch.randn(2, 48), torch.ones(48), 1e-6, w)
+
+
+def test_norm_staging_dispatch(monkeypatch):
+    """NORM (variants 12 / 13): the staged bytes worked by hand (rows + norm weight + 4 x 16 sums + 16 rstd),
+    the move from 4 / 9 (and their XF forms) to 12 / 13, none for other variants or past the size limit."""
+    from fp4reason.kernels import cuda as fk
+
+    assert fk.norm_staged_bytes(1, 4096) == 8192 + 8192 + 320
+    assert fk.norm_staged_bytes(4, 5120) == 4 * 10240 + 10240 + 320
+    assert [fk.norm_variant(v, 1, 4096) for v in (4, 9, 10, 11)] == [12, 13, 12, 13]
+    assert fk.norm_variant(2, 1, 4096) is None and fk.norm_variant(7, 1, 4096) is None
+    assert fk.norm_variant(9, 16, 4096) == 13  # 136 KB
+    assert fk.norm_variant(9, 16, 5120) is None  # 170 KB > 160
+
+
 # ---------------------------------------------------------------- GPU: the Hopper kernel
 
 SHAPES = {  # (N, K)
@@ -530,3 +597,86 @@ def test_kernel_gated_nan_propagates():
     for splits in (1, 4):
         y = nvfp4_linear_cuda(x, w, splits=splits, gated=True)
         assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all(), splits
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [None, 4, 9])
+@pytest.mark.parametrize("gated", [False, True])
+def test_kernel_norm_every_m(monkeypatch, variant, gated):
+    """The add + RMSNorm inside the kernel (NORM variants 12 / 13, from the default dispatch or forced 4 / 9):
+    every M, both dtypes, with and without delta, with bias, on the default grid and on 1, 37 and 600 CTAs
+    (more than the 256 / 512 units: CTA 0 has none). The new residual equals torch's x + delta exactly; the
+    output matches float64 math on it."""
+    from fp4reason.kernels import cuda as fk
+
+    monkeypatch.setattr(fk, "_variant", variant)
+    n, k, eps = 2000, 2048, 1e-6
+    w = prepare_nvfp4(_gpu_weight(n, k, seed=3), gated=gated)
+    out_n = n // 2 if gated else n
+    for dtype in (torch.bfloat16, torch.float16):
+        nw = (1 + 0.2 * torch.randn(k, device="cuda")).to(dtype)
+        bias = (torch.randn(n, device="cuda") * 0.1).to(dtype)
+        for m in range(1, 17):
+            assert fk.norm_variant(fk.variant_for(m, n, 0, gated), m, k) in (12, 13)
+            x = (torch.randn(m, k, device="cuda") * 2).to(dtype)
+            delta = torch.randn(m, k, device="cuda", dtype=dtype)
+            for d in (delta, None):
+                h_ref = x + d if d is not None else x
+                xn = _norm64(h_ref, nw, eps)
+                ref = _silu_mul64(xn, w, bias) if gated else _ref64(xn, w, bias)
+                for ctas in (0, 1, 37, 600):  # 600: more CTAs than units, the first ones empty
+                    call = lambda: fk.nvfp4_norm_linear_cuda(x, d, nw, eps, w, bias, ctas=ctas, gated=gated)  # noqa: B023, E731
+                    y, h = _poisoned_call(call, m, out_n, dtype)
+                    assert torch.equal(h, h_ref), (dtype, m, d is None, ctas)
+                    assert y.shape == (m, out_n) and _rel(y, ref) < 1e-2, (dtype, m, d is None, ctas)
+    for work, counters in fk._workspaces.values():
+        assert not work.any() and not counters.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen3-8b.qkv", "qwen3-8b.gate_up", "llama3.1-8b.gate_up", "qwen3-32b.qkv"])
+def test_kernel_norm_model_shapes(name):
+    """Model qkv / gate_up shapes with the default dispatch: float64-close, and equal to torch's add + norm
+    followed by the plain kernel up to a rounding step (another summation order for the squares)."""
+    from fp4reason.kernels import rms_norm_reference
+
+    n, k = SHAPES[name]
+    gated = name.endswith("gate_up")
+    w = prepare_nvfp4(_gpu_weight(n, k), gated=gated)
+    nw = (1 + 0.2 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+    proj = nvfp4_silu_mul if gated else nvfp4_linear
+    for m in (1, 2, 4, 8, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 3
+        delta = torch.randn_like(x)
+        y, h = nvfp4_norm_linear(x, nw, 1e-6, w, delta=delta, gated=gated)
+        xn = _norm64(x + delta, nw, 1e-6)
+        assert _rel(y, _silu_mul64(xn, w) if gated else _ref64(xn, w)) < 1e-2, (name, m)
+        two = proj(rms_norm_reference(x + delta, nw, 1e-6), w).float()
+        assert (y.float() == two).float().mean() > 0.9, (name, m)
+        assert (y.float() - two).abs().max() <= 2**-5 * two.abs().max(), (name, m)
+
+
+@pytest.mark.gpu
+def test_kernel_norm_nan_and_graph_replay():
+    """A NaN in one token row makes that row's output NaN and leaves the others; a captured call replays."""
+    w = prepare_nvfp4(_gpu_weight(4096, 4096))
+    nw = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(6, 4096, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn_like(x)
+    x[2, 100] = float("nan")
+    y, h = nvfp4_norm_linear(x, nw, 1e-6, w, delta=delta)
+    assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4, 5]]).all() and torch.isnan(h[2, 100])
+    for m in (1, 4):
+        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+        delta = torch.randn_like(x)
+        nvfp4_norm_linear(x, nw, 1e-6, w, delta=delta)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y, h = nvfp4_norm_linear(x, nw, 1e-6, w, delta=delta)
+        for _ in range(3):
+            x.copy_(torch.randn_like(x))
+            delta.copy_(torch.randn_like(delta))
+            y.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(h, x + delta) and _rel(y, _ref64(_norm64(x + delta, nw, 1e-6), w)) < 1e-2, m

@@ -28,19 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fp4reason.formats import MXFP4Tensor, NVFP4Tensor, qdq_kv4, qdq_mxfp4, qdq_nvfp4
+from fp4reason.kernels.reference import rms_norm_reference as _rms_norm
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 # NVFP4 gate/up on CUDA with the kernel's silu(gate) * up epilogue (FP4REASON_GATED_MLP=0: the plain kernel
 # and a separate activation kernel, for A/B runs)
 _GATED_MLP = os.environ.get("FP4REASON_GATED_MLP", "1") == "1"
 _ATTN_QUANT = os.environ.get("FP4REASON_ATTN_QUANT", "1") == "1"  # A/B switch (benchmarks/NOTES.md v12)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm, operation for operation (float32 statistics, weight applied in the input dtype)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+# up to this many tokens per call, NVFP4 W4A16 qkv and gate_up on CUDA add the residual and apply their
+# RMSNorm inside the projection's kernel (kernels.nvfp4_norm_linear): two add + norm kernels fewer per
+# layer (0 = off until measured: benchmarks/NOTES.md v19)
+_NORM_FOLD = int(os.environ.get("FP4REASON_NORM_FOLD", "0"))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -301,6 +299,25 @@ class Projection:
         """Whether the caller quantizes this projection's input (``ops.fold_act``, NVFP4 W4A4 only)."""
         return ops.fold_act and self.kind == "fp4" and self.fmt == "nvfp4" and self.act_quant
 
+    def folds_norm(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`norm_linear` runs the add + RMSNorm inside the kernel for input ``x`` [..., K]
+        (``FP4REASON_NORM_FOLD`` tokens at most; NVFP4 W4A16 on CUDA)."""
+        return (
+            self.kind == "fp4"
+            and self.fmt == "nvfp4"
+            and not self.act_quant
+            and x.is_cuda
+            and 0 < x.numel() // x.shape[-1] <= _NORM_FOLD
+        )
+
+    def norm_linear(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+        """(this projection of RMSNorm(x + delta), x + delta), the add and norm in the kernel."""
+        from fp4reason import kernels
+
+        x2, d2 = x.reshape(-1, x.shape[-1]), delta.reshape(-1, x.shape[-1])
+        y, h = kernels.nvfp4_norm_linear(x2, weight, eps, self.weight, self.bias, delta=d2, gated=self.gated)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), h.reshape(x.shape)
+
     def __call__(self, x: torch.Tensor, ops: "Ops | None" = None, quantized: bool = False) -> torch.Tensor:
         """``quantized``: ``x`` already went through this projection's input quantization."""
         if self.kind == "dense":
@@ -402,6 +419,9 @@ class Layer:
     def _norm_proj(self, x, delta, norm: nn.Module, proj: Projection, ops: Ops):
         """(residual stream, ``proj(norm(x + delta))``); ``delta`` is None for the first layer's input."""
         w, eps = norm.weight, _eps(norm)
+        if delta is not None and proj.folds_norm(x):
+            y, x = proj.norm_linear(x, delta, w, eps)
+            return x, y
         if proj.folds_act(ops):
             x, h = ops.norm_act(x, delta, w, eps, proj.input_global_scale)
             return x, proj(h, ops, quantized=True)

@@ -10,6 +10,7 @@ from fp4reason.kernels.cuda import (
     dense_linear,
     gated_rows,
     nvfp4_linear_cuda,
+    nvfp4_norm_linear_cuda,
     prepare_nvfp4,
     tile_dense,
     tile_nvfp4,
@@ -20,6 +21,7 @@ from fp4reason.kernels.reference import (
     _check_input,
     mxfp4_linear_reference,
     nvfp4_linear_reference,
+    rms_norm_reference,
     silu_mul_reference,
 )
 
@@ -78,6 +80,40 @@ def nvfp4_silu_mul(
     return nvfp4_linear_cuda(x, w, bias, gated=True)
 
 
+def nvfp4_norm_linear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: NVFP4Tensor | TiledNVFP4,
+    bias: torch.Tensor | None = None,
+    *,
+    delta: torch.Tensor | None = None,
+    gated: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pre-norm projection with its residual add: ``h = x + delta`` (``delta`` None: ``h = x``), then
+    ``(proj(rms_norm(h) * norm_weight), h)`` with HF's RMSNorm and ``proj`` = :func:`nvfp4_linear` (``gated``:
+    :func:`nvfp4_silu_mul`). W4A16. On CUDA the add and the norm run inside the projection's kernel where
+    the rows fit its shared memory; elsewhere the reference ops."""
+    k = w.shape[1]
+    _check_input(x, k)
+    if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype or delta.device != x.device):
+        raise ValueError(
+            f"delta must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), "
+            f"got {tuple(delta.shape)}, {delta.dtype}, {delta.device}"
+        )
+    if norm_weight.shape != (k,) or norm_weight.device != x.device:
+        raise ValueError(
+            f"norm_weight must have shape ({k},) on {x.device}, "
+            f"got {tuple(norm_weight.shape)} on {norm_weight.device}"
+        )
+    proj = nvfp4_silu_mul if gated else nvfp4_linear
+    if not x.is_cuda or (gated and w.shape[0] % 16):
+        h = x + delta if delta is not None else x
+        return proj(rms_norm_reference(h, norm_weight.to(x.dtype), eps), w, bias), h
+    _cuda_input(x, w, False, None)
+    return nvfp4_norm_linear_cuda(x, delta, norm_weight, eps, w, bias, gated=gated)
+
+
 __all__ = [
     "TiledNVFP4",
     "dense_linear",
@@ -87,8 +123,10 @@ __all__ = [
     "nvfp4_linear",
     "nvfp4_linear_cuda",
     "nvfp4_linear_reference",
+    "nvfp4_norm_linear",
     "nvfp4_silu_mul",
     "prepare_nvfp4",
+    "rms_norm_reference",
     "silu_mul_reference",
     "tile_dense",
     "tile_nvfp4",

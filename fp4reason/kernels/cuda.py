@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fp4reason.formats import NVFP4Tensor
-from fp4reason.kernels.reference import silu_mul_reference
+from fp4reason.kernels.reference import rms_norm_reference, silu_mul_reference
 
 _SRC = Path(__file__).with_name("csrc") / "nvfp4_gemv.cu"
 CHUNK = 128
@@ -45,11 +45,16 @@ _WS_ROWS = 1 << 17  # split-K is used for N up to this many rows
 # kernel variant (csrc launch_variant): 0/1/4/6 = 2 row tiles per warp (128 rows per CTA), 2/3/5 = 1
 # (64 rows); 4/5/6 stage the activations through a CTA-wide shared-memory ring instead of per-warp
 # registers (6: 8 stages); 7/8 = 16-row CTAs whose 4 warps split the k range (4/8 stages); 9 = 64 rows,
-# k split in two; 10 / 11 = 4 / 9 with each segment's activations staged whole in shared memory (XF).
+# k split in two; 10 / 11 = 4 / 9 with each segment's activations staged whole in shared memory (XF);
+# 12 / 13 = 10 / 11 staging the whole rows and applying the add + RMSNorm before them (nvfp4_norm_linear).
 # None = variant 9 for wide N at M <= 8, else 4 (variant_for; H100 sweeps, benchmarks/NOTES.md v6, v10).
 _variant: int | None = int(os.environ["FP4REASON_VARIANT"]) if "FP4REASON_VARIANT" in os.environ else None
 _ROWS_PER_CTA = {0: 128, 1: 128, 2: 64, 3: 64, 4: 128, 5: 64, 6: 128, 7: 16, 8: 16, 9: 64, 10: 128, 11: 64}
+_ROWS_PER_CTA |= {12: 128, 13: 64}
+if _variant is not None and _variant not in range(12):
+    raise ValueError(f"FP4REASON_VARIANT must be 0..11 (12 / 13 are nvfp4_norm_linear's), got {_variant}")
 _XF_OF, _XF_BASE = {4: 10, 9: 11}, {10: 4, 11: 9}
+_NORM_OF = {4: 12, 9: 13, 10: 12, 11: 13}
 # XF is used where a CTA's staged activations take at most this many KB (0 = never; NOTES.md v18)
 _xf_kb = int(os.environ.get("FP4REASON_XF", "0"))
 _XF_LIMIT = 160 * 1024  # above this a forced 10 / 11 runs as 4 / 9 (the ring takes 37 KB of the 227)
@@ -111,6 +116,7 @@ _P, _I = ctypes.c_void_p, ctypes.c_int
 # The ctypes signatures of the library's extern "C" functions (a CPU test checks them against the source).
 _SIGNATURES = {
     "fp4r_nvfp4_gemv": [_P] * 7 + [_I] * 8 + [_P],
+    "fp4r_nvfp4_norm_gemv": [_P] * 4 + [ctypes.c_float] + [_P] * 6 + [_I] * 8 + [_P],
     "fp4r_dense_gemv": [_P] * 6 + [_I] * 9 + [_P],
 }
 
@@ -245,6 +251,20 @@ def with_staging(variant: int, m: int, n: int, k: int, ctas: int) -> int:
     if variant in _XF_BASE and staged_bytes(m, n, k, ctas, _ROWS_PER_CTA[variant]) > _XF_LIMIT:
         return _XF_BASE[variant]
     return variant
+
+
+def norm_staged_bytes(m: int, k: int) -> int:
+    """Shared memory for a NORM variant's staging (csrc ``launch``): the m whole rows, the norm weight, the
+    per-warp sums and rstd."""
+    return m * k * 2 + k * 2 + (4 * 16 + 16) * 4
+
+
+def norm_variant(variant: int, m: int, k: int) -> int | None:
+    """The NORM form (12 / 13) of ``variant`` for an [m, k] input, or None where there is none (a forced
+    variant other than 4 / 9 / 10 / 11) or its staging would not fit next to the ring."""
+    if variant not in _NORM_OF or norm_staged_bytes(m, k) > _XF_LIMIT:
+        return None
+    return _NORM_OF[variant]
 
 
 def supported(x: torch.Tensor, n: int, k: int) -> bool:
@@ -422,6 +442,70 @@ def _(x, tiled, global_scale, bias, n, grid, gated):
     return x.new_empty(x.shape[0], n // 2 if gated else n)
 
 
+@torch.library.custom_op("fp4reason::nvfp4_norm_linear", mutates_args=())
+def nvfp4_norm_linear_op(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    tiled: torch.Tensor,
+    global_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    n: int,
+    grid: int,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nvfp4_linear(rms_norm(h)), h)`` with ``h = x + delta`` (``delta`` None: ``h = x``), x [M, K]:
+    one kernel (a NORM variant) where it applies, else the norm, then :func:`nvfp4_linear_op`."""
+    m, k = x.shape
+    variant = None
+    if supported(x, n, k) and norm_weight.dtype == x.dtype:
+        dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        variant = norm_variant(variant_for(m, n, dev, gated), m, k)
+    if variant is None:
+        h = x + delta if delta is not None else x.clone()
+        xn = rms_norm_reference(h, norm_weight, eps)
+        return nvfp4_linear_op(xn, tiled, global_scale, bias, n, grid, gated), h
+    ctas = grid if grid > 0 else grid_ctas(m, n, k, dev, gated=gated)
+    whole = -(-n // _ROWS_PER_CTA[variant])  # one CTA per row block: needs no workspace
+    ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
+    if ws is None:
+        ctas = whole
+    work, counters = ws if ws is not None else (None, None)
+    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(x)
+    err = _lib().fp4r_nvfp4_norm_gemv(
+        x.data_ptr(),
+        delta.data_ptr() if delta is not None else None,
+        norm_weight.data_ptr(),
+        h.data_ptr(),
+        float(eps),
+        tiled.data_ptr(),
+        global_scale.data_ptr(),
+        bias.data_ptr() if bias is not None else None,
+        out.data_ptr(),
+        work.data_ptr() if work is not None else None,
+        counters.data_ptr() if counters is not None else None,
+        m,
+        n,
+        k,
+        ctas,
+        int(x.dtype == torch.bfloat16),
+        variant,
+        1 if _pdl is None else _pdl,
+        int(gated),
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    if err:
+        raise RuntimeError(f"NVFP4 norm kernel launch failed with CUDA error {err} (M={m}, N={n}, K={k})")
+    return out, h
+
+
+@nvfp4_norm_linear_op.register_fake
+def _(x, delta, norm_weight, eps, tiled, global_scale, bias, n, grid, gated):
+    return x.new_empty(x.shape[0], n // 2 if gated else n), torch.empty_like(x)
+
+
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     t = t.contiguous()
     if torch.compiler.is_compiling():  # fresh and parameter tensors are 256-byte aligned
@@ -443,6 +527,16 @@ def _tiled(w: "NVFP4Tensor | TiledNVFP4", gated: bool = False) -> TiledNVFP4:
     return cached
 
 
+def _weight_args(w: "NVFP4Tensor | TiledNVFP4", bias: torch.Tensor | None, x: torch.Tensor, gated: bool):
+    """The kernel's (tiled weight, global scale on x's device, bias in x's dtype and tile order)."""
+    t = _tiled(w, gated)
+    gs = t.global_scale if t.global_scale.device == x.device else t.global_scale.to(x.device)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+        bias = (bias[gated_rows(w.shape[0], bias.device)] if gated else bias).contiguous()
+    return t, gs, bias
+
+
 def nvfp4_linear_cuda(
     x: torch.Tensor,
     w: "NVFP4Tensor | TiledNVFP4",
@@ -461,15 +555,38 @@ def nvfp4_linear_cuda(
     if k % CHUNK:  # the kernel needs whole 128-k chunks: plain dequantize + matmul
         y = F.linear(x2, w.dequantize(x.dtype), bias)
         return (silu_mul_reference(y) if gated else y).reshape(*lead, -1)
-    t = _tiled(w, gated)
-    gs = t.global_scale if t.global_scale.device == x.device else t.global_scale.to(x.device)
-    if bias is not None:
-        bias = bias.to(x.dtype)
-        bias = (bias[gated_rows(n, bias.device)] if gated else bias).contiguous()
+    t, gs, bias = _weight_args(w, bias, x, gated)
     if splits > 0 and not ctas:
         ctas = grid_ctas(x2.shape[0], n, k, splits=splits, gated=gated)
     y = torch.ops.fp4reason.nvfp4_linear(x2, t.tiled, gs, bias, n, ctas, gated)
     return y.reshape(*lead, -1)
+
+
+def nvfp4_norm_linear_cuda(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w: "NVFP4Tensor | TiledNVFP4",
+    bias: torch.Tensor | None = None,
+    *,
+    ctas: int = 0,
+    gated: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPU ``(nvfp4_linear(rms_norm(h) * norm_weight, w, bias), h)``, ``h = x + delta`` (or x), x [..., K]:
+    the add and HF's RMSNorm run inside the projection's kernel (csrc NORM variants) where it applies."""
+    n, k = w.shape
+    x2 = _aligned(x.reshape(-1, k))
+    d2 = _aligned(delta.reshape(-1, k)) if delta is not None else None
+    if k % CHUNK:
+        h = x2 + d2 if d2 is not None else x2
+        y = nvfp4_linear_cuda(rms_norm_reference(h, norm_weight, eps), w, bias, gated=gated)
+    else:
+        t, gs, bias = _weight_args(w, bias, x, gated)
+        nw = _aligned(norm_weight.to(x.dtype))
+        op = torch.ops.fp4reason.nvfp4_norm_linear
+        y, h = op(x2, d2, nw, float(eps), t.tiled, gs, bias, n, ctas, gated)
+    return y.reshape(*x.shape[:-1], -1), h.reshape(x.shape)
 
 
 def prepare_nvfp4(w: "NVFP4Tensor | TiledNVFP4", gated: bool = False) -> "TiledNVFP4 | NVFP4Tensor":

@@ -29,6 +29,13 @@ def nvfp4_linear_reference(
     return F.linear(x, w.dequantize(x.dtype), bias)
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm, operation for operation (float32 statistics, weight applied in the input dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 def silu_mul_reference(y: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a fused [..., gate | up] projection output, as a Hugging Face SwiGLU MLP does."""
     gate, up = y.chunk(2, dim=-1)

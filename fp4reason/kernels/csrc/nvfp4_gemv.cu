@@ -162,6 +162,58 @@ __device__ __forceinline__ float silu_mul(float gate, float up) {
   return round_out<BF16>(__fdividef(gr, 1.0f + __expf(-gr))) * round_out<BF16>(up);
 }
 
+// NORM (variants 12 / 13): the residual add and RMSNorm of the projection's input, rounded where eager
+// PyTorch rounds HF's RMSNorm: h = x + delta, then (h * rstd) in the model dtype, then times the weight
+template <bool BF16>
+__device__ __forceinline__ float half_at(uint32_t w, int i) {  // element i (0 = low) of a bf16x2 / f16x2
+  if constexpr (BF16) return __uint_as_float(i ? (w & 0xFFFF0000u) : (w << 16));
+  else return __half2float(__ushort_as_half((unsigned short)(w >> (16 * i))));
+}
+template <bool BF16>
+__device__ __forceinline__ uint32_t pack_round(float lo, float hi) {
+  if constexpr (BF16) {
+    __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  } else {
+    __half2 r = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+}
+template <bool BF16>
+__device__ __forceinline__ uint4 add8(uint4 a, uint4 b) {  // round(a + b), 8 elements
+  uint32_t* pa = reinterpret_cast<uint32_t*>(&a);
+  const uint32_t* pb = reinterpret_cast<const uint32_t*>(&b);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    pa[i] = pack_round<BF16>(half_at<BF16>(pa[i], 0) + half_at<BF16>(pb[i], 0),
+                             half_at<BF16>(pa[i], 1) + half_at<BF16>(pb[i], 1));
+  return a;
+}
+template <bool BF16>
+__device__ __forceinline__ float sumsq8(uint4 a, float s) {  // s + the 8 squares, in element order
+  const uint32_t* pa = reinterpret_cast<const uint32_t*>(&a);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float v = half_at<BF16>(pa[i >> 1], i & 1);
+    s = fmaf(v, v, s);
+  }
+  return s;
+}
+template <bool BF16>
+__device__ __forceinline__ uint4 norm8(uint4 h, float rstd, uint4 w) {  // round(w * round(h * rstd))
+  uint32_t* ph = reinterpret_cast<uint32_t*>(&h);
+  const uint32_t* pw = reinterpret_cast<const uint32_t*>(&w);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint32_t n = pack_round<BF16>(half_at<BF16>(ph[i], 0) * rstd, half_at<BF16>(ph[i], 1) * rstd);
+    ph[i] = pack_round<BF16>(half_at<BF16>(n, 0) * half_at<BF16>(pw[i], 0), half_at<BF16>(n, 1) * half_at<BF16>(pw[i], 1));
+  }
+  return h;
+}
+__device__ __forceinline__ void sts128(uint32_t a, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
+
 // Activation chunk in shared memory (XS variants): token row of 256 B = 16 units of 16 B, unit u = t*4 + w
 // (quad lane t, word w); the low two bits are XORed with (row parity, t / 2) so the 8 lanes of a
 // quarter-warp (two rows x four t) read eight different bank groups.
@@ -177,12 +229,20 @@ __device__ __forceinline__ int xs_unit(int row, int u) { return u ^ (((row & 1) 
 // XF: the segment's activations, all its chunks, copied once into shared memory after the PDL wait (one
 // barrier per segment); the loop then reads them with LDS: no activation load in flight behind the weight
 // stream (v13: 23 % of gate_up's M = 1 stalls waited on them) and no per-chunk barrier (the XS ring's).
-template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK, bool GATED, int DENSE = 0, bool XF = false>
+//
+// NORM (with XF): the input is the residual stream x (+ delta, the previous projection's output) and the
+// kernel applies the RMSNorm itself: every CTA stages the whole rows h = x + delta, sums their squares in a
+// fixed order (so every CTA gets the same rstd, bit for bit), normalizes them in place with the norm weight
+// gamma (copied before the PDL wait: no kernel writes it), and the CTA that streams unit 0 writes h to h_out
+// (the next residual): one add + RMSNorm kernel fewer before qkv and gate_up.
+template <bool BF16, int NT, int STAGES, int RT, bool XS, int WK, bool GATED, int DENSE = 0, bool XF = false,
+          bool NORM = false>
 __global__ void __launch_bounds__(WARPS * 32)
     nvfp4_gemv_kernel(const uint16_t* __restrict__ x, const uint8_t* __restrict__ tiled,
                       const float* __restrict__ gscale,
                       const void* __restrict__ bias, void* __restrict__ out, float* __restrict__ work,
-                      int* __restrict__ counters, int M, int N, int K) {
+                      int* __restrict__ counters, int M, int N, int K, const uint16_t* __restrict__ delta,
+                      const uint16_t* __restrict__ gamma, uint16_t* __restrict__ h_out, float eps) {
   extern __shared__ __align__(16) uint8_t dyn_smem[];
   __shared__ __align__(1024) uint32_t lut[256];  // aligned: a lookup's address is one LOP3, index | base
   __shared__ int s_last;
@@ -204,6 +264,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   const int g = lane >> 2, t = lane & 3;
   static_assert(WK == 1 || !XS, "warps splitting k read their own activations");
   static_assert(!(XS && XF), "one way to stage the activations");
+  static_assert(!NORM || (XF && !DENSE), "the norm works on XF's staged rows");
   constexpr int ROWS_PER_CTA = WARPS / WK * RT * 16;
   const int chunks = K / CHUNK;
   const int kw = warp % WK;  // this warp's share of each segment's chunks (WK warps per row tile)
@@ -313,6 +374,70 @@ __global__ void __launch_bounds__(WARPS * 32)
     cp_wait<0>();
     __syncthreads();
   };
+  // NORM: XF's buffer holds every chunk of the rows ([chunk][row][256 B]), then gamma [K], then the sums
+  // [WARPS][16] and rstd [16] (floats)
+  const int q_row = K / 8;  // 16-byte units per token row
+  const uint32_t gbuf = xfbuf + (uint32_t)(chunks * M * 256);
+  float* const norm_sums = reinterpret_cast<float*>(dyn_smem + WARPS * STAGES * STAGE + RED_BYTES + chunks * M * 256 + K * 2);
+  auto norm_slot = [&](int i) {  // unit i of the [M, K / 8] rows
+    const int m = i / q_row, q = i - m * q_row;
+    return xfbuf + ((q >> 4) * M + m) * 256 + xs_unit(m, q & 15) * 16;
+  };
+  const bool writes_h = h_out && u == 0 && u_end > 0;  // the one CTA whose range starts at unit 0
+  auto stage_norm = [&]() {
+    // x straight into its slots (cp.async, no registers), delta through registers next to it: one L2 round
+    // trip for both; the thread that copied a slot adds delta to it
+    const int units = M * q_row;
+    for (int i = threadIdx.x; i < units; i += WARPS * 32) cp16(norm_slot(i), x + (size_t)i * 8);
+    cp_commit();
+    constexpr int NB = 4;  // delta units per thread in flight
+    for (int i0 = threadIdx.x; i0 < units; i0 += NB * WARPS * 32) {
+      uint4 dv[NB];
+#pragma unroll
+      for (int j = 0; j < NB; ++j)
+        if (delta && i0 + j * WARPS * 32 < units) dv[j] = ldg_coherent(delta + (size_t)(i0 + j * WARPS * 32) * 8);
+      cp_wait<0>();
+#pragma unroll
+      for (int j = 0; j < NB; ++j) {
+        const int i = i0 + j * WARPS * 32;
+        if (i < units) {
+          const uint32_t a = norm_slot(i);
+          uint4 hv = lds128(a);
+          if (delta) {
+            hv = add8<BF16>(hv, dv[j]);
+            sts128(a, hv);
+          }
+          if (writes_h) *reinterpret_cast<uint4*>(h_out + (size_t)i * 8) = hv;
+        }
+      }
+    }
+    cp_wait<0>();  // gamma (copied with the prologue's first weight stage), also where a thread had no unit
+    __syncthreads();
+    float ss[NT * 8];
+#pragma unroll
+    for (int m = 0; m < NT * 8; ++m) {
+      ss[m] = 0.f;
+      if (m < M)
+        for (int q = threadIdx.x; q < q_row; q += WARPS * 32) ss[m] = sumsq8<BF16>(lds128(norm_slot(m * q_row + q)), ss[m]);
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], o);
+      if (lane == 0) norm_sums[warp * 16 + m] = ss[m];
+    }
+    __syncthreads();
+    if (threadIdx.x < M) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) sum += norm_sums[w * 16 + threadIdx.x];
+      norm_sums[WARPS * 16 + threadIdx.x] = rsqrtf(sum / (float)K + eps);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < units; i += WARPS * 32) {
+      const int m = i / q_row;
+      const uint32_t a = norm_slot(i);
+      sts128(a, norm8<BF16>(lds128(a), norm_sums[WARPS * 16 + m], lds128(gbuf + (i - m * q_row) * 16)));
+    }
+    __syncthreads();
+  };
   auto read_xf = [&](uint4 (&xv)[NT][4], int j) {
     const uint32_t o = j * M * 256;
 #pragma unroll
@@ -407,6 +532,10 @@ __global__ void __launch_bounds__(WARPS * 32)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[r][n][i] = 0.f;
     if (!first) __syncthreads();  // every warp is done with the last segment's activation ring and s_last
+    if constexpr (NORM) {
+      if (first)
+        for (int q = threadIdx.x; q < q_row; q += WARPS * 32) cp16(gbuf + q * 16, gamma + q * 8);
+    }
 #pragma unroll
     for (int i = 0; i < STAGES - 1; ++i) {
       if (kb + i < ke) issue(i);
@@ -418,6 +547,7 @@ __global__ void __launch_bounds__(WARPS * 32)
       asm volatile("griddepcontrol.wait;" ::: "memory");
       asm volatile("griddepcontrol.launch_dependents;");
       first = false;
+      if constexpr (NORM) stage_norm();
     }
     int stage = 0;
     if constexpr (XS) {
@@ -445,7 +575,7 @@ __global__ void __launch_bounds__(WARPS * 32)
         stage = stage == STAGES - 1 ? 0 : stage + 1;
       }
     } else if constexpr (XF) {
-      stage_xf(c_begin, c_end);
+      if constexpr (!NORM) stage_xf(c_begin, c_end);
       for (int c = kb; c < ke; ++c) {
         {
           int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
@@ -454,7 +584,7 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
         cp_wait<STAGES - 1>();
         uint4 xv[NT][4];
-        read_xf(xv, c - c_begin);
+        read_xf(xv, NORM ? c : c - c_begin);
         compute(stage, xv);
         stage = stage == STAGES - 1 ? 0 : stage + 1;
       }
@@ -614,18 +744,31 @@ __global__ void __launch_bounds__(WARPS * 32)
   }
 }
 
-template <bool BF16, int NT, int STAGES, int RT, bool XS = false, int WK = 1, int DENSE = 0, bool XF = false>
+// NORM variants' inputs (see the kernel): delta may be null (h = x), h_out may be null (not written)
+struct NormArgs {
+  const uint16_t* delta = nullptr;
+  const uint16_t* gamma = nullptr;
+  uint16_t* h_out = nullptr;
+  float eps = 0.f;
+};
+
+template <bool BF16, int NT, int STAGES, int RT, bool XS = false, int WK = 1, int DENSE = 0, bool XF = false,
+          bool NORM = false>
 int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* tiled, const float* gs,
-           const void* bias, void* out, float* work, int* counters, int M, int N, int K, int gated) {
+           const void* bias, void* out, float* work, int* counters, int M, int N, int K, int gated,
+           NormArgs na = {}) {
   constexpr int rows = WARPS / WK * RT * 16;
   int smem = WARPS * STAGES * RT * 16 * (DENSE ? CHUNK * 2 : 64 + 8) + (XS ? STAGES * NT * 8 * CHUNK * 2 : 0) +
              WARPS / WK * (WK - 1) * 32 * RT * NT * 4 * 4;
-  if constexpr (XF) {  // the longest segment a CTA gets: ceil(units / ctas) chunks, at most a whole row block
+  if constexpr (NORM) {  // whole rows, gamma, the sums and rstd
+    if (!na.gamma) return (int)cudaErrorInvalidValue;
+    smem += M * K * 2 + K * 2 + (WARPS * 16 + 16) * 4;
+  } else if constexpr (XF) {  // the longest segment a CTA gets: ceil(units / ctas) chunks, at most a row block's
     const long long chunks = K / CHUNK, units = (long long)((N + rows - 1) / rows) * chunks;
     smem += (int)min(chunks, (units + ctas - 1) / ctas) * M * CHUNK * 2;
   }
-  auto kern = gated ? nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, true, DENSE, XF>
-                    : nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, false, DENSE, XF>;
+  auto kern = gated ? nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, true, DENSE, XF, NORM>
+                    : nvfp4_gemv_kernel<BF16, NT, STAGES, RT, XS, WK, false, DENSE, XF, NORM>;
   if (smem > 46 * 1024) {  // 48 KB without the opt-in counts the ~1-2 KB of static shared memory too
     static int configured[2][64] = {};  // the dynamic shared memory allowed so far, per kernel and device
     int dev = 0;
@@ -651,7 +794,8 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, kern, x, tiled, gs, bias, out, work, counters, M, N, K);
+  cudaError_t e = cudaLaunchKernelEx(&cfg, kern, x, tiled, gs, bias, out, work, counters, M, N, K, na.delta, na.gamma,
+                                     na.h_out, na.eps);
   // a failed launch also sets the thread's last error: clear it, so a later call does not report it again
   if (e != cudaSuccess) cudaGetLastError();
   return (int)e;
@@ -661,10 +805,11 @@ int launch(int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* 
 // 4 / 5 = 2 / 1 tiles, 4 stages, activations through a CTA-wide shared-memory ring (XS); 6 = 4 with 8 stages;
 // 7 / 8 = 1 tile per CTA (16 rows), its 4 warps splitting each segment's chunks (in-CTA split-K through shared
 // memory), 4 / 8 stages; 9 = 2 tiles per warp pair (64 rows), k split in two; 10 / 11 = 4 / 9 with the segment's
-// activations staged whole in shared memory (XF) instead of a ring / registers
+// activations staged whole in shared memory (XF) instead of a ring / registers; 12 / 13 = 10 / 11 with the
+// add + RMSNorm of the input (NORM, na)
 template <bool BF16, int NT>
 int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_t* x, const uint8_t* t, const float* gs,
-                   const void* bias, void* out, float* work, int* cnt, int M, int N, int K, int gated) {
+                   const void* bias, void* out, float* work, int* cnt, int M, int N, int K, int gated, NormArgs na = {}) {
   switch (variant) {
     case 1: return launch<BF16, NT, 6, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
     case 2: return launch<BF16, NT, 4, 1>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
@@ -677,6 +822,8 @@ int launch_variant(int variant, int ctas, int pdl, cudaStream_t s, const uint16_
     case 9: return launch<BF16, NT, 4, 2, false, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
     case 10: return launch<BF16, NT, 4, 2, false, 1, 0, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
     case 11: return launch<BF16, NT, 4, 2, false, 2, 0, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
+    case 12: return launch<BF16, NT, 4, 2, false, 1, 0, true, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated, na);
+    case 13: return launch<BF16, NT, 4, 2, false, 2, 0, true, true>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated, na);
     default: return launch<BF16, NT, 4, 2>(ctas, pdl, s, x, t, gs, bias, out, work, cnt, M, N, K, gated);
   }
 }
@@ -718,6 +865,27 @@ int fp4r_nvfp4_gemv(const void* x, const void* tiled, const float* gscale, const
   }
   if (M <= 8) return launch_variant<false, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated);
   return launch_variant<false, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated);
+}
+
+// y = RMSNorm(x + delta) @ W^T (+ bias) (or silu(gate) * up) with HF's RMSNorm (weight gamma [K], eps), and
+// h_out = x + delta [M, K] (the residual stream; delta null: h = x). variant 12 or 13 (the NORM forms of 10 /
+// 11); every CTA stages M x K activations plus gamma in shared memory. The other arguments as above.
+int fp4r_nvfp4_norm_gemv(const void* x, const void* delta, const void* gamma, void* h_out, float eps,
+                         const void* tiled, const float* gscale, const void* bias, void* out, float* work,
+                         int* counters, int M, int N, int K, int ctas, int bf16, int variant, int pdl, int gated,
+                         void* stream) {
+  if (M < 1 || M > 16 || N < 1 || K % CHUNK || ctas < 1 || (gated && N % 16) || !gamma || (variant != 12 && variant != 13))
+    return (int)cudaErrorInvalidValue;
+  cudaStream_t s = (cudaStream_t)stream;
+  auto xp = (const uint16_t*)x;
+  auto tp = (const uint8_t*)tiled;
+  NormArgs na{(const uint16_t*)delta, (const uint16_t*)gamma, (uint16_t*)h_out, eps};
+  if (bf16) {
+    if (M <= 8) return launch_variant<true, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated, na);
+    return launch_variant<true, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated, na);
+  }
+  if (M <= 8) return launch_variant<false, 1>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated, na);
+  return launch_variant<false, 2>(variant, ctas, pdl, s, xp, tp, gscale, bias, out, work, counters, M, N, K, gated, na);
 }
 
 // The same for a dense bf16/fp16 weight (the dtype of x): w [N, K] row-major (tiled = 0) or in tile_dense's
