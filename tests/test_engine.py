@@ -111,13 +111,13 @@ def test_w4a4_input_quantization_folds_into_norms(monkeypatch):
     assert n_folded["silu"] == steps_layers and n_folded["qdq"] == n_plain["qdq"]  # one quantization each
 
 
-def test_norm_fold_threads_the_residual(monkeypatch):
+def test_norm_fold_threads_the_residual(monkeypatch, arch):
     """``FP4REASON_NORM_FOLD``: qkv and gate_up take (residual, delta) and return (output, new residual);
     on the CPU reference math the engine's tokens and entropies are exactly the unfolded ones, and every
     decode norm with a delta (all but layer 0's input norm) went through the fold."""
     import fp4reason.engine.model as m
 
-    model = _quantized("qwen3", "nvfp4-w4a16")
+    model = _quantized(arch, "nvfp4-w4a16")
     prompts = _prompts((6, 3), seed=4)
     plain = Engine(model, None, max_batch_size=2, max_seq_len=32).generate(
         prompts, max_new_tokens=6, return_entropies=True
