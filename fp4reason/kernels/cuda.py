@@ -404,18 +404,31 @@ def nvfp4_linear_op(
         if bias is not None:
             bias = bias[torch.argsort(gated_rows(n, bias.device))]
         return silu_mul_reference(F.linear(x, w.dequantize(x.dtype), bias))
-    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    ctas = grid if grid > 0 else grid_ctas(m, n, k, dev, gated=gated)
     variant = variant_for(m, n, dev, gated)
-    whole = -(-n // _ROWS_PER_CTA[variant])  # one CTA per row block: needs no workspace
-    ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
-    if ws is None:
-        ctas = whole
+    ctas, ws = _grid(x, n, grid, variant, gated, dev)
+    out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     variant = with_staging(variant, m, n, k, ctas)
+    _launch("fp4r_nvfp4_gemv", [x.data_ptr()], x, tiled, global_scale, bias, out, n, ctas, ws, variant, gated)
+    return out
+
+
+def _grid(x: torch.Tensor, n: int, grid: int, variant: int, gated: bool, dev: int):
+    """(CTAs, split-K workspace or None) for a call of ``variant``: ``grid`` (0: :func:`grid_ctas`'s), or one
+    CTA per row block where that needs no workspace or none can be had."""
+    m, k = x.shape
+    ctas = grid if grid > 0 else grid_ctas(m, n, k, dev, gated=gated)
+    whole = -(-n // _ROWS_PER_CTA[variant])
+    ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
+    return (ctas if ws is not None else whole), ws
+
+
+def _launch(entry: str, head: list, x, tiled, global_scale, bias, out, n: int, ctas: int, ws, variant, gated):
+    """Call the library's ``entry``: its own leading arguments ``head``, then the ones all entries share."""
+    m, k = x.shape
     work, counters = ws if ws is not None else (None, None)
-    err = _lib().fp4r_nvfp4_gemv(
-        x.data_ptr(),
+    err = getattr(_lib(), entry)(
+        *head,
         tiled.data_ptr(),
         global_scale.data_ptr(),
         bias.data_ptr() if bias is not None else None,
@@ -433,8 +446,7 @@ def nvfp4_linear_op(
         torch.cuda.current_stream(x.device).cuda_stream,
     )
     if err:
-        raise RuntimeError(f"NVFP4 kernel launch failed with CUDA error {err} (M={m}, N={n}, K={k})")
-    return out
+        raise RuntimeError(f"NVFP4 kernel {entry} failed with CUDA error {err} (M={m}, N={n}, K={k})")
 
 
 @nvfp4_linear_op.register_fake
@@ -466,38 +478,12 @@ def nvfp4_norm_linear_op(
         h = x + delta if delta is not None else x.clone()
         xn = rms_norm_reference(h, norm_weight, eps)
         return nvfp4_linear_op(xn, tiled, global_scale, bias, n, grid, gated), h
-    ctas = grid if grid > 0 else grid_ctas(m, n, k, dev, gated=gated)
-    whole = -(-n // _ROWS_PER_CTA[variant])  # one CTA per row block: needs no workspace
-    ws = _workspace(x.device) if ctas != whole and n <= _WS_ROWS else None
-    if ws is None:
-        ctas = whole
-    work, counters = ws if ws is not None else (None, None)
+    ctas, ws = _grid(x, n, grid, variant, gated, dev)
     out = torch.empty(m, n // 2 if gated else n, dtype=x.dtype, device=x.device)
     h = torch.empty_like(x)
-    err = _lib().fp4r_nvfp4_norm_gemv(
-        x.data_ptr(),
-        delta.data_ptr() if delta is not None else None,
-        norm_weight.data_ptr(),
-        h.data_ptr(),
-        float(eps),
-        tiled.data_ptr(),
-        global_scale.data_ptr(),
-        bias.data_ptr() if bias is not None else None,
-        out.data_ptr(),
-        work.data_ptr() if work is not None else None,
-        counters.data_ptr() if counters is not None else None,
-        m,
-        n,
-        k,
-        ctas,
-        int(x.dtype == torch.bfloat16),
-        variant,
-        1 if _pdl is None else _pdl,
-        int(gated),
-        torch.cuda.current_stream(x.device).cuda_stream,
-    )
-    if err:
-        raise RuntimeError(f"NVFP4 norm kernel launch failed with CUDA error {err} (M={m}, N={n}, K={k})")
+    d = delta.data_ptr() if delta is not None else None
+    head = [x.data_ptr(), d, norm_weight.data_ptr(), h.data_ptr(), float(eps)]
+    _launch("fp4r_nvfp4_norm_gemv", head, x, tiled, global_scale, bias, out, n, ctas, ws, variant, gated)
     return out, h
 
 
