@@ -413,15 +413,15 @@ __global__ void __launch_bounds__(WARPS * 32)
     }
     cp_wait<0>();  // gamma (copied with the prologue's first weight stage), also where a thread had no unit
     __syncthreads();
-    float ss[NT * 8];
 #pragma unroll
     for (int m = 0; m < NT * 8; ++m) {
-      ss[m] = 0.f;
-      if (m < M)
-        for (int q = threadIdx.x; q < q_row; q += WARPS * 32) ss[m] = sumsq8<BF16>(lds128(norm_slot(m * q_row + q)), ss[m]);
+      if (m < M) {  // uniform: every lane of the warp shuffles
+        float ss = 0.f;
+        for (int q = threadIdx.x; q < q_row; q += WARPS * 32) ss = sumsq8<BF16>(lds128(norm_slot(m * q_row + q)), ss);
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], o);
-      if (lane == 0) norm_sums[warp * 16 + m] = ss[m];
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) norm_sums[warp * 16 + m] = ss;
+      }
     }
     __syncthreads();
     if (threadIdx.x < M) {
