@@ -5,7 +5,7 @@
 # E2E_NEW; build: the kernel library alone, so the next stage's limit is not spent compiling (a library built
 # ahead with FP4REASON_CACHE=.carry/cache and carried is used if it loads); ab: AB="ENV=1
 # ENV=0 A=1,B=2 ..." runs a short NVFP4 e2e_bench once per setting (commas join variables), AB_BATCHES,
-# AB_VARIANTS; attn: the attention bench per ATTN_COMBINE setting; xf: the GPU tests of the XF variants 10 / 11;
+# AB_VARIANTS; attn: the attention bench per ATTN_AB setting (as AB); xf: the GPU tests of the XF variants 10 / 11;
 # norm: the GPU tests of the add + RMSNorm variants 12 / 13 and the engine's fold, and W4A16 decode checks with it)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
@@ -77,9 +77,10 @@ for s in $stages; do
             --variants "${AB_VARIANTS:-nvfp4-w4a16,nvfp4-w4a4}" --batches "${AB_BATCHES:-1,8}" --new-tokens 256 \
             --long-len 0 --no-compare-attn --out "$OUT/e2e_ab_${setting//[^A-Za-z0-9]/_}.json"
         done ;;
-    attn) for c in ${ATTN_COMBINE:-1 0}; do
-            step "attn_bench_combine$c" 120 env FP4REASON_ATTN_COMBINE="$c" python3 benchmarks/attn_bench.py \
-              --batches "${ATTN_BATCHES:-1,4,8,16}" --out "$OUT/attn_bench_combine$c.json"
+    attn) for setting in ${ATTN_AB:-FP4REASON_ATTN_EARLY_POS=1 FP4REASON_ATTN_EARLY_POS=0}; do
+            n=${setting//[^A-Za-z0-9]/_}
+            step "attn_bench_$n" 120 env ${setting//,/ } python3 benchmarks/attn_bench.py \
+              --batches "${ATTN_BATCHES:-1,4,8,16}" --out "$OUT/attn_bench_$n.json"
           done ;;
     profile) step step_profile 240 python3 benchmarks/step_profile.py --graph --layers "${PROFILE_LAYERS:-8}" \
                --batches "${PROFILE_BATCHES:-1,8}" --variants "${PROFILE_VARIANTS:-bf16,nvfp4-w4a16,nvfp4-w4a4}" ;;

@@ -57,8 +57,29 @@ def _out_value(o, QGS, R: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constex
     return o
 
 
+def _step_rows(Slot, Start, b, Cos, Sin, QW, KW, d, dm, dr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+               FUSED: tl.constexpr, HAS_NORM: tl.constexpr):  # fmt: skip
+    """(slot, the row's start, and for the fused kernel the RoPE rows at its position and the q / k norm
+    weights, each also at the rotate_half source index ``dr``; float32)."""
+    slot = tl.load(Slot)
+    start = tl.load(Start + b)
+    zero = tl.zeros([BLOCK_D], tl.float32)
+    cos, sin, qw, qwr, kw, kwr = zero, zero, zero, zero, zero, zero
+    if FUSED:
+        pos = slot - start
+        cos = tl.load(Cos + pos * D + d, mask=dm, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + pos * D + d, mask=dm, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            qw = tl.load(QW + d, mask=dm, other=0.0).to(tl.float32)
+            qwr = tl.load(QW + dr, mask=dm, other=0.0).to(tl.float32)
+            kw = tl.load(KW + d, mask=dm, other=0.0).to(tl.float32)
+            kwr = tl.load(KW + dr, mask=dm, other=0.0).to(tl.float32)
+    return slot, start, cos, sin, qw, qwr, kw, kwr
+
+
 if triton is not None:  # helpers the kernels call, decorated when fakequant's helpers are
     _as_out_dtype, _out_value = triton.jit(_as_out_dtype), triton.jit(_out_value)
+    _step_rows = triton.jit(_step_rows)
 
 
 def _attn_fwd(
@@ -69,7 +90,8 @@ def _attn_fwd(
     H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS, ITERS: tl.constexpr,
     ONE_SPLIT: tl.constexpr, FUSED: tl.constexpr, HAS_NORM: tl.constexpr, IEEE: tl.constexpr,
-    PDL: tl.constexpr, EARLY_KV: tl.constexpr, KV_LEN, COMBINE: tl.constexpr, G_P2: tl.constexpr,
+    PDL: tl.constexpr, EARLY_KV: tl.constexpr, EARLY_POS: tl.constexpr, KV_LEN, COMBINE: tl.constexpr,
+    G_P2: tl.constexpr,
     BLOCK_S: tl.constexpr, CHUNK_S: tl.constexpr, QUANT: tl.constexpr, RECIP: tl.constexpr,
     KIND: tl.constexpr,
 ):  # fmt: skip
@@ -90,11 +112,24 @@ def _attn_fwd(
         inb = (s < KV_LEN)[:, None] & dm[None, :]
         k = tl.load(kc_row + s[:, None] * stride_cs + d[None, :], mask=inb, other=0.0)
         v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=inb, other=0.0)
+    half = D // 2
+    dr = tl.where(d < half, d + half, d - half)  # rotate_half's source index
+    sign = tl.where(d < half, -1.0, 1.0)
+    if EARLY_POS:
+        # slot and start, and what depends only on them and on parameters (RoPE rows, norm weights), are read
+        # before the wait too: they were written before the step began, and no kernel of the step lets the
+        # next one start before its own wait (the first, the embedding lookup, has no programmatic launch).
+        # After the wait one L2 round trip remains (q, k, v), not two (slot, then the RoPE rows at its place).
+        slot, start, cos, sin, qw, qwr, kw, kwr = _step_rows(
+            Slot, Start, b, Cos, Sin, QW, KW, d, dm, dr, D, BLOCK_D, FUSED, HAS_NORM
+        )
     if PDL:  # everything below reads what earlier kernels wrote; the next kernel may start its prologue
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    slot = tl.load(Slot)
-    start = tl.load(Start + b)
+    if not EARLY_POS:
+        slot, start, cos, sin, qw, qwr, kw, kwr = _step_rows(
+            Slot, Start, b, Cos, Sin, QW, KW, d, dm, dr, D, BLOCK_D, FUSED, HAS_NORM
+        )
     dt = KC.dtype.element_ty
     g = tl.arange(0, BLOCK_G)
     gm = g < G
@@ -124,9 +159,6 @@ def _attn_fwd(
         v = tl.load(vc_row + s[:, None] * stride_cs + d[None, :], mask=sm[:, None] & dm[None, :], other=0.0)
     if FUSED:
         # Q is the projection row: q heads 0..H-1, k heads H.., v heads H+HKV.. (head stride D)
-        half = D // 2
-        dr = tl.where(d < half, d + half, d - half)  # rotate_half's source index
-        sign = tl.where(d < half, -1.0, 1.0)
         k_ptr = Q + b * stride_qb + (H + kh) * stride_qh
         v_ptr = Q + b * stride_qb + (H + HKV + kh) * stride_qh
         q = tl.load(q_ptr + d[None, :], mask=qmask, other=0.0).to(tl.float32)
@@ -137,17 +169,10 @@ def _attn_fwd(
         if HAS_NORM:  # HF RMSNorm: float32 statistics, weight applied in the model dtype
             qs = tl.rsqrt(tl.sum(q * q, 1) / D + eps)[:, None]
             ks = tl.rsqrt(tl.sum(kf * kf, 0) / D + eps)
-            qw = tl.load(QW + d, mask=dm, other=0.0).to(tl.float32)
-            qwr = tl.load(QW + dr, mask=dm, other=0.0).to(tl.float32)
-            kw = tl.load(KW + d, mask=dm, other=0.0).to(tl.float32)
-            kwr = tl.load(KW + dr, mask=dm, other=0.0).to(tl.float32)
             q = ((q * qs).to(dt).to(tl.float32) * qw[None, :]).to(dt).to(tl.float32)
             qr = ((qr * qs).to(dt).to(tl.float32) * qwr[None, :]).to(dt).to(tl.float32)
             kf = ((kf * ks).to(dt).to(tl.float32) * kw).to(dt).to(tl.float32)
             kfr = ((kfr * ks).to(dt).to(tl.float32) * kwr).to(dt).to(tl.float32)
-        pos = slot - start
-        cos = tl.load(Cos + pos * D + d, mask=dm, other=0.0).to(tl.float32)
-        sin = tl.load(Sin + pos * D + d, mask=dm, other=0.0).to(tl.float32)
         # x * cos + rotate_half(x) * sin, rounded where the torch path rounds
         q = (q * cos[None, :]).to(dt).to(tl.float32) + (sign * qr * sin[None, :]).to(dt).to(tl.float32)
         kf = (kf * cos).to(dt).to(tl.float32) + (sign * kfr * sin).to(dt).to(tl.float32)
@@ -260,6 +285,7 @@ def _attn_reduce(
 
 
 _EARLY_KV = os.environ.get("FP4REASON_ATTN_EARLY_KV", "1") != "0"  # A/B switch (benchmarks/NOTES.md v12)
+_EARLY_POS = os.environ.get("FP4REASON_ATTN_EARLY_POS", "1") != "0"  # A/B switch (benchmarks/NOTES.md v19)
 _COMBINE = os.environ.get("FP4REASON_ATTN_COMBINE", "1") != "0"  # A/B switch (benchmarks/NOTES.md v12)
 COMBINE_REGS = 8192  # partial elements the combining program loads at once ([G, splits, D] fp32)
 
@@ -444,7 +470,8 @@ def decode_attention(
         H=n_heads, HKV=n_kv, G=g, D=d,
         BLOCK_G=max(16, triton.next_power_of_2(g)), BLOCK_D=block_d, BLOCK_N=block_n, SPLITS=splits,
         ITERS=iters, ONE_SPLIT=one_split, FUSED=fused, HAS_NORM=q_norm is not None,
-        IEEE=dt == torch.float32, PDL=pdl, EARLY_KV=fused and iters == 1 and _EARLY_KV, KV_LEN=kv_len,
+        IEEE=dt == torch.float32, PDL=pdl, EARLY_KV=fused and iters == 1 and _EARLY_KV, EARLY_POS=_EARLY_POS,
+        KV_LEN=kv_len,
         COMBINE=combine, G_P2=g_p2, BLOCK_S=block_s, CHUNK_S=chunk_s, **qconsts,
         num_warps=num_warps or 4, launch_pdl=pdl, **stages,
     )  # fmt: skip
