@@ -384,7 +384,8 @@ __global__ void __launch_bounds__(WARPS * 32)
     return xfbuf + ((q >> 4) * M + m) * 256 + xs_unit(m, q & 15) * 16;
   };
   const bool writes_h = h_out && u == 0 && u_end > 0;  // the one CTA whose range starts at unit 0
-  auto stage_norm = [&]() {
+  // c0 .. c1: the chunks this CTA multiplies, the only ones it normalizes (the sums need every chunk)
+  auto stage_norm = [&](int c0, int c1) {
     // x straight into its slots (cp.async, no registers), delta through registers next to it: one L2 round
     // trip for both; the thread that copied a slot adds delta to it
     const int units = M * q_row;
@@ -431,10 +432,11 @@ __global__ void __launch_bounds__(WARPS * 32)
       norm_sums[WARPS * 16 + threadIdx.x] = rsqrtf(sum / (float)K + eps);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < units; i += WARPS * 32) {
-      const int m = i / q_row;
-      const uint32_t a = norm_slot(i);
-      sts128(a, norm8<BF16>(lds128(a), norm_sums[WARPS * 16 + m], lds128(gbuf + (i - m * q_row) * 16)));
+    const int span = (c1 - c0) * 16;  // units per row to normalize
+    for (int i = threadIdx.x; i < M * span; i += WARPS * 32) {
+      const int m = i / span, q = c0 * 16 + (i - m * span);
+      const uint32_t a = norm_slot(m * q_row + q);
+      sts128(a, norm8<BF16>(lds128(a), norm_sums[WARPS * 16 + m], lds128(gbuf + q * 16)));
     }
     __syncthreads();
   };
@@ -547,7 +549,10 @@ __global__ void __launch_bounds__(WARPS * 32)
       asm volatile("griddepcontrol.wait;" ::: "memory");
       asm volatile("griddepcontrol.launch_dependents;");
       first = false;
-      if constexpr (NORM) stage_norm();
+      if constexpr (NORM) {  // one segment (u reached u_end): its chunks; several: every chunk
+        if (u >= u_end) stage_norm(c_begin, c_end);
+        else stage_norm(0, chunks);
+      }
     }
     int stage = 0;
     if constexpr (XS) {
