@@ -343,8 +343,9 @@ for case in sys.argv[1:]:  # dtype,fused,one_split,early_kv,combine,quant,cubin 
     dtype, fused, one, early, combine, quant, path = case.split(",")
     consts = dict(H=32, HKV=8, G=4, D=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=64,
                   ITERS=1 if early == "1" else 4, ONE_SPLIT=one == "1", FUSED=fused == "1",
-                  HAS_NORM=fused == "1", IEEE=dtype == "fp32", PDL=True, EARLY_KV=early == "1", EARLY_POS=True,
-                  COMBINE=combine == "1", G_P2=4, BLOCK_S=32, CHUNK_S=16, QUANT=quant == "1", RECIP=True,
+                  HAS_NORM=fused == "1", IEEE=dtype == "fp32", PDL=True, EARLY_KV=early == "1",
+                  EARLY_POS=True, COMBINE=combine == "1", G_P2=4, BLOCK_S=32, CHUNK_S=16, QUANT=quant == "1",
+                  RECIP=True,
                   KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dtype])
     types = dict(Slot="*i64", Start="*i64", eps="fp32", scale="fp32", SPLITS="i32", KV_LEN="i32", Acc="*fp32",
                  Mx="*fp32", Sm="*fp32", Cnt="*i32", QGS="*fp32")
