@@ -4,7 +4,7 @@
 # (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, KERNEL_XF (kernel_bench --xf), KERNEL_NORM=1 (--norm), E2E_LIMIT,
 # E2E_NEW; build: the kernel library alone, so the next stage's limit is not spent compiling (a library built
 # ahead with FP4REASON_CACHE=.carry/cache and carried is used if it loads); ab: AB="ENV=1
-# ENV=0 A=1,B=2 ..." runs a short NVFP4 e2e_bench once per setting (commas join variables), AB_BATCHES,
+# ENV=0 A=1,B=2 ..." runs a short NVFP4 e2e_bench once per setting (commas join variables; AB_REPEAT=N rounds), AB_BATCHES,
 # AB_VARIANTS; attn: the attention bench per ATTN_AB setting (as AB); xf: the GPU tests of the XF variants 10 / 11;
 # norm: the GPU tests of the add + RMSNorm variants 12 / 13 and the engine's fold, and W4A16 decode checks with it)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
@@ -20,6 +20,9 @@ step() {  # step NAME SECONDS CMD...
   echo "=== $name ($(date +%T))"
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
   echo "exit=$?"; tail -n 30 "$OUT/$name.log"
+  # TAR_TO=FILE: an archive of $OUT after every step, so a call cut off at its time limit still returns the
+  # finished steps (and one file, however many logs: a device call returns at most 8)
+  if [ -n "${TAR_TO:-}" ]; then tar -czf "$TAR_TO" -C "$(dirname "$OUT")" "$(basename "$OUT")"; fi
 }
 { nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
@@ -72,10 +75,13 @@ for s in $stages; do
                --section SourceCounters --section WarpStateStats -f -o /tmp/src python3 benchmarks/kernel_profile.py
              ncu -i /tmp/src.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_source_sass.csv" 2>&1
              ncu -i /tmp/src.ncu-rep --page details > "$OUT/ncu_source_details.txt" 2>&1 ;;
-    ab) for setting in ${AB:-FP4REASON_PDL_OPS=1 FP4REASON_PDL_OPS=0}; do
-          step "e2e_ab_${setting//[^A-Za-z0-9]/_}" 150 env ${setting//,/ } python3 benchmarks/e2e_bench.py \
-            --variants "${AB_VARIANTS:-nvfp4-w4a16,nvfp4-w4a4}" --batches "${AB_BATCHES:-1,8}" --new-tokens 256 \
-            --long-len 0 --no-compare-attn --out "$OUT/e2e_ab_${setting//[^A-Za-z0-9]/_}.json"
+    ab) for r in $(seq "${AB_REPEAT:-1}"); do  # rounds through all settings: the spread between rounds
+          for setting in ${AB:-FP4REASON_PDL_OPS=1 FP4REASON_PDL_OPS=0}; do
+            n=e2e_ab_${setting//[^A-Za-z0-9]/_}${AB_REPEAT:+_r$r}
+            step "$n" 150 env ${setting//,/ } python3 benchmarks/e2e_bench.py \
+              --variants "${AB_VARIANTS:-nvfp4-w4a16,nvfp4-w4a4}" --batches "${AB_BATCHES:-1,8}" --new-tokens 256 \
+              --long-len 0 --no-compare-attn --out "$OUT/$n.json"
+          done
         done ;;
     attn) for setting in ${ATTN_AB:-FP4REASON_ATTN_EARLY_POS=1 FP4REASON_ATTN_EARLY_POS=0}; do
             n=${setting//[^A-Za-z0-9]/_}
