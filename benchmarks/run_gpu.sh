@@ -5,7 +5,8 @@
 # E2E_NEW; build: the kernel library alone, so the next stage's limit is not spent compiling (a library built
 # ahead with FP4REASON_CACHE=.carry/cache and carried is used if it loads); ab: AB="ENV=1
 # ENV=0 A=1,B=2 ..." runs a short NVFP4 e2e_bench once per setting (commas join variables; AB_REPEAT=N rounds), AB_BATCHES,
-# AB_VARIANTS; attn: the attention bench per ATTN_AB setting (as AB); xf: the GPU tests of the XF variants 10 / 11;
+# AB_VARIANTS; attn: the attention GPU tests with FP4REASON_ATTN_EARLY_POS=1, then the attention bench per ATTN_AB
+# setting (as AB); xf: the GPU tests of the XF variants 10 / 11;
 # norm: the GPU tests of the add + RMSNorm variants 12 / 13 and the engine's fold, and W4A16 decode checks with it)
 # (no argument = all). Copy $OUT into benchmarks/results/ afterwards.
 set -u
@@ -83,7 +84,9 @@ for s in $stages; do
               --long-len 0 --no-compare-attn --out "$OUT/$n.json"
           done
         done ;;
-    attn) for setting in ${ATTN_AB:-FP4REASON_ATTN_EARLY_POS=1 FP4REASON_ATTN_EARLY_POS=0}; do
+    attn) step attn_tests_early_pos 150 env FP4REASON_ATTN_EARLY_POS=1 python3 -m pytest -q -m gpu -p no:cacheprovider \
+            -p no:logging tests/test_engine_triton.py
+          for setting in ${ATTN_AB:-FP4REASON_ATTN_EARLY_POS=1 FP4REASON_ATTN_EARLY_POS=0}; do
             n=${setting//[^A-Za-z0-9]/_}
             step "attn_bench_$n" 120 env ${setting//,/ } python3 benchmarks/attn_bench.py \
               --batches "${ATTN_BATCHES:-1,4,8,16}" --out "$OUT/attn_bench_$n.json"

@@ -344,8 +344,8 @@ for case in sys.argv[1:]:  # dtype,fused,one_split,early_kv,combine,quant,cubin 
     consts = dict(H=32, HKV=8, G=4, D=128, BLOCK_G=16, BLOCK_D=128, BLOCK_N=64,
                   ITERS=1 if early == "1" else 4, ONE_SPLIT=one == "1", FUSED=fused == "1",
                   HAS_NORM=fused == "1", IEEE=dtype == "fp32", PDL=True, EARLY_KV=early == "1",
-                  EARLY_POS=True, COMBINE=combine == "1", G_P2=4, BLOCK_S=32, CHUNK_S=16, QUANT=quant == "1",
-                  RECIP=True,
+                  EARLY_POS=early == "1", COMBINE=combine == "1", G_P2=4, BLOCK_S=32, CHUNK_S=16,
+                  QUANT=quant == "1", RECIP=True,
                   KIND={"fp32": 0, "bf16": 1, "fp16": 2}[dtype])
     types = dict(Slot="*i64", Start="*i64", eps="fp32", scale="fp32", SPLITS="i32", KV_LEN="i32", Acc="*fp32",
                  Mx="*fp32", Sm="*fp32", Cnt="*i32", QGS="*fp32")
@@ -368,8 +368,8 @@ def test_compiles_for_hopper_without_spills(tmp_path):
         pytest.skip("triton's CUDA toolchain (ptxas) is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    # dtype, fused, one split, early K/V loads, splits combined in the kernel (two rounds of 16), output
-    # quantized (W4A4)
+    # dtype, fused, one split, early K/V loads (and early slot / RoPE loads), splits combined in the kernel
+    # (two rounds of 16), output quantized (W4A4)
     cases = [
         ("bf16", "1", "1", "0", "0", "0"),
         ("bf16", "1", "0", "0", "1", "0"),

@@ -285,7 +285,8 @@ def _attn_reduce(
 
 
 _EARLY_KV = os.environ.get("FP4REASON_ATTN_EARLY_KV", "1") != "0"  # A/B switch (benchmarks/NOTES.md v12)
-_EARLY_POS = os.environ.get("FP4REASON_ATTN_EARLY_POS", "1") != "0"  # A/B switch (benchmarks/NOTES.md v19)
+# the step's slot and RoPE rows read before the PDL wait: off until a GPU has run it (benchmarks/NOTES.md v19)
+_EARLY_POS = os.environ.get("FP4REASON_ATTN_EARLY_POS", "0") == "1"
 _COMBINE = os.environ.get("FP4REASON_ATTN_COMBINE", "1") != "0"  # A/B switch (benchmarks/NOTES.md v12)
 COMBINE_REGS = 8192  # partial elements the combining program loads at once ([G, splits, D] fp32)
 
