@@ -3,7 +3,7 @@
 # Usage there:  OUT=/some/dir bash benchmarks/run_gpu.sh [build] [tests] [xf] [norm] [recheck] [sampler] [fakequant] [qat] [kernel] [e2e] [ab] [attn] [profile] [grids] [srcprof]
 # (env: QAT_MODES, QAT_PROFILE=1, KERNEL_M, KERNEL_XF (kernel_bench --xf), KERNEL_NORM=1 (--norm), E2E_LIMIT,
 # E2E_NEW; build: the kernel library alone, so the next stage's limit is not spent compiling (a library built
-# ahead with FP4REASON_CACHE=.carry/cache and carried is used if it loads); ab: AB="ENV=1
+# ahead with FP4REASON_CACHE=.carry/cache and carried is used if one launch of it is right, else rebuilt); ab: AB="ENV=1
 # ENV=0 A=1,B=2 ..." runs a short NVFP4 e2e_bench once per setting (commas join variables; AB_REPEAT=N rounds), AB_BATCHES,
 # AB_VARIANTS; attn: the attention GPU tests with FP4REASON_ATTN_EARLY_POS=1, then the attention bench per ATTN_AB
 # setting (as AB); xf: the GPU tests of the XF variants 10 / 11;
@@ -29,22 +29,9 @@ step() {  # step NAME SECONDS CMD...
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
-# the kernel library, loaded once: one prebuilt here and carried (FP4REASON_CACHE=.carry/cache) is rebuilt if it
-# does not load on this host
-BUILD_PY='
-import ctypes
-from fp4reason.kernels.cuda import build_library
-p = build_library()
-try:
-    ctypes.CDLL(str(p))
-except OSError as e:
-    print(f"{p} does not load here ({e}): rebuilding")
-    p = build_library(force=True)
-    ctypes.CDLL(str(p))
-print(p)'
 for s in $stages; do
   case $s in
-    build) step build 240 python3 -c "$BUILD_PY" ;;
+    build) step build 240 sh -c "python3 benchmarks/build_check.py || python3 benchmarks/build_check.py --force" ;;
     tests) step gpu_tests 300 python3 -m pytest -q -m "gpu or slow" -p no:cacheprovider -p no:logging \
              tests/test_kernels.py tests/test_engine.py tests/test_engine_triton.py tests/test_quant.py \
              tests/test_sampling.py tests/test_sampling_triton.py ;;

@@ -54,6 +54,15 @@ __device__ __forceinline__ void cp16(uint32_t smem, const void* gmem) {
 __device__ __forceinline__ void cp4(uint32_t smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem), "l"(gmem));
 }
+// the same, issued only where on (a predicate, not a branch: the loop body stays one straight block)
+__device__ __forceinline__ void cp16_if(uint32_t smem, const void* gmem, bool on) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %2, 0; @p cp.async.cg.shared.global [%0], [%1], 16; }" ::"r"(smem),
+               "l"(gmem), "r"((int)on));
+}
+__device__ __forceinline__ void cp4_if(uint32_t smem, const void* gmem, bool on) {
+  asm volatile("{ .reg .pred p; setp.ne.b32 p, %2, 0; @p cp.async.ca.shared.global [%0], [%1], 4; }" ::"r"(smem),
+               "l"(gmem), "r"((int)on));
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
@@ -291,8 +300,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   // gw[r]: this lane's bytes of the next chunk to copy (issue is called for consecutive chunks)
   // (dense: lane L's (h, w) piece at ring slot (h * 4 + w) * 512 + L * 16; gw[r][h]: row-major row h's bytes)
   const uint8_t* gw[RT][2];
-  auto issue = [&](int stage) {
-    const uint32_t so = stage * STAGE;
+  auto issue_at = [&](uint32_t so) {  // into the ring stage at byte offset so
 #pragma unroll
     for (int r = 0; r < RT; ++r) {
       if constexpr (DENSE == 0) {
@@ -311,6 +319,16 @@ __global__ void __launch_bounds__(WARPS * 32)
         }
         if constexpr (DENSE == 2) gw[r][0] += TW;
       }
+    }
+  };
+  auto issue = [&](int stage) { issue_at(stage * STAGE); };
+  auto issue_if = [&](uint32_t so, bool on) {  // issue_at(so) where on (XF's loop), the pointers advance anyway
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      cp16_if(ring_w + so + r * 1024, gw[r][0], on);
+      cp16_if(ring_w + so + r * 1024 + 512, gw[r][0] + 512, on);
+      cp4_if(ring_s + so + r * 128, gw[r][0] + s_off, on);
+      gw[r][0] += TILE_BYTES;
     }
   };
   // xp[n] + c * CHUNK: chunk c's activations; load_x is called for consecutive chunks from kb
@@ -449,8 +467,7 @@ __global__ void __launch_bounds__(WARPS * 32)
   };
   float acc[RT][NT][4];
   // the ring stage's weights and scales times activations xv, into acc
-  auto compute = [&](int stage, const uint4 (&xv)[NT][4]) {
-    const uint32_t so = stage * STAGE;
+  auto compute_at = [&](uint32_t so, const uint4 (&xv)[NT][4]) {
     if constexpr (DENSE) {
 #pragma unroll
       for (int w = 0; w < 4; ++w)
@@ -503,6 +520,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     }
     }
   };
+  auto compute = [&](int stage, const uint4 (&xv)[NT][4]) { compute_at(stage * STAGE, xv); };
 
   bool first = true;
   while (u < u_end) {  // one segment: row block rb, chunks [c_begin, c_end)
@@ -581,17 +599,17 @@ __global__ void __launch_bounds__(WARPS * 32)
       }
     } else if constexpr (XF) {
       if constexpr (!NORM) stage_xf(c_begin, c_end);
+      // ring stages as byte offsets: rd is read now, wr (the one read last) is refilled
+      uint32_t rd = 0, wr = (STAGES - 1) * STAGE;
       for (int c = kb; c < ke; ++c) {
-        {
-          int cn = c + STAGES - 1, sn = stage == 0 ? STAGES - 1 : stage - 1;
-          if (cn < ke) issue(sn);
-          cp_commit();
-        }
+        issue_if(wr, c + STAGES - 1 < ke);
+        cp_commit();
         cp_wait<STAGES - 1>();
         uint4 xv[NT][4];
         read_xf(xv, NORM ? c : c - c_begin);
-        compute(stage, xv);
-        stage = stage == STAGES - 1 ? 0 : stage + 1;
+        compute_at(rd, xv);
+        wr = rd;
+        rd = rd == (STAGES - 1) * STAGE ? 0 : rd + STAGE;
       }
     } else {
       // one chunk: refill the ring, prefetch the next chunk's activations into xn, multiply with xv
