@@ -63,14 +63,20 @@ for s in $stages; do
                --section SourceCounters --section WarpStateStats -f -o /tmp/src python3 benchmarks/kernel_profile.py
              ncu -i /tmp/src.ncu-rep --page source --csv --print-source sass > "$OUT/ncu_source_sass.csv" 2>&1
              ncu -i /tmp/src.ncu-rep --page details > "$OUT/ncu_source_details.txt" 2>&1 ;;
-    ab) for r in $(seq "${AB_REPEAT:-1}"); do  # rounds through all settings: the spread between rounds
+    ab) ab_files=()
+        for r in $(seq "${AB_REPEAT:-1}"); do  # rounds through all settings: the spread between rounds
           for setting in ${AB:-FP4REASON_PDL_OPS=1 FP4REASON_PDL_OPS=0}; do
             n=e2e_ab_${setting//[^A-Za-z0-9]/_}${AB_REPEAT:+_r$r}
             step "$n" 150 env ${setting//,/ } python3 benchmarks/e2e_bench.py \
               --variants "${AB_VARIANTS:-nvfp4-w4a16,nvfp4-w4a4}" --batches "${AB_BATCHES:-1,8}" --new-tokens 256 \
               --long-len 0 --no-compare-attn --out "$OUT/$n.json"
+            if [ -f "$OUT/$n.json" ]; then ab_files+=("$OUT/$n.json"); fi
           done
-        done ;;
+        done
+        # one table: each setting against the first, with the rounds' range
+        if [ ${#ab_files[@]} -gt 0 ]; then
+          step ab_summary 60 python3 benchmarks/ab_summary.py "${ab_files[@]}" --out "$OUT/ab_summary.md"
+        fi ;;
     attn) step attn_tests_early_pos 150 env FP4REASON_ATTN_EARLY_POS=1 python3 -m pytest -q -m gpu -p no:cacheprovider \
             -p no:logging tests/test_engine_triton.py
           for setting in ${ATTN_AB:-FP4REASON_ATTN_EARLY_POS=1 FP4REASON_ATTN_EARLY_POS=0}; do

@@ -2,6 +2,7 @@
 selection that selects nothing, or a shell syntax error must fail here, on the CPU, not there."""
 
 import ast
+import json
 import re
 import shlex
 import subprocess
@@ -116,3 +117,34 @@ def test_driver_env_settings_are_read_somewhere():
     for driver in DRIVERS:
         for name in set(re.findall(r"FP4REASON_[A-Z0-9_]+", driver.read_text())):
             assert f'"{name}"' in source, f"{driver.name} sets {name}, which nothing reads"
+
+
+def _ab_json(path: Path, rows: dict[str, list[tuple[int, float]]]) -> Path:
+    runs = {v: [{"batch": b, "ms_per_step": ms} for b, ms in cells] for v, cells in rows.items()}
+    path.write_text(json.dumps({"runs": runs}))
+    return path
+
+
+def test_ab_summary_medians_rounds_and_change(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ab_summary
+    finally:
+        sys.path.pop(0)
+    w = "nvfp4-w4a16"
+    files = [  # two rounds of a baseline and one setting, as run_gpu.sh names them
+        _ab_json(tmp_path / "e2e_ab_FP4REASON_XF_0_r1.json", {w: [(1, 3.0), (8, 4.0)]}),
+        _ab_json(tmp_path / "e2e_ab_FP4REASON_XF_16_r1.json", {w: [(1, 2.7), (8, 4.2)]}),
+        _ab_json(tmp_path / "e2e_ab_FP4REASON_XF_0_r2.json", {w: [(1, 3.2), (8, 4.0)]}),
+        _ab_json(tmp_path / "e2e_ab_FP4REASON_XF_16_r2.json", {w: [(1, 2.9), (8, 4.2)]}),
+    ]
+    table = ab_summary.collect(files)
+    assert list(table) == ["FP4REASON_XF_0", "FP4REASON_XF_16"]
+    assert table["FP4REASON_XF_16"][(w, 1)] == [2.7, 2.9]
+    rows = ab_summary.render(table).splitlines()
+    # batch 1: medians 3.1 and 2.8 -> 2.8 / 3.1 - 1 = -9.7 %; batch 8: 4.2 / 4.0 - 1 = +5.0 %
+    assert "| FP4REASON_XF_16 | nvfp4-w4a16 | 1 | 2.800 | 2.700-2.900 | -9.7 % |" in rows
+    assert "| FP4REASON_XF_16 | nvfp4-w4a16 | 8 | 4.200 | 4.200-4.200 | +5.0 % |" in rows
+    assert "| FP4REASON_XF_0 | nvfp4-w4a16 | 1 | 3.100 | 3.000-3.200 | +0.0 % |" in rows
+    with pytest.raises(ValueError, match="no A/B results"):
+        ab_summary.render({})
